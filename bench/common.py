@@ -1,0 +1,91 @@
+"""Shared helpers for benchmarks: machine description, peak RSS, side-by-side timing, JSON output.
+
+Format: ../shared/docs/benchmarks.md. Every bench writes bench/results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+CACHE_DIR = Path(__file__).parent / ".cache"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict:
+    """Time each case `repeats` times, alternating A B C A B C, and return the median seconds per case.
+
+    Alternating keeps slow drifts of a shared machine out of the ratios.
+    """
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def goal(value: float, op: str, target: float) -> dict:
+    met = value >= target if op == ">=" else value <= target
+    return {"op": op, "target": target, "value": round(value, 4), "met": bool(met)}
+
+
+def write_result(name: str, rows: list[dict], ratios: dict, goals: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = {
+        "bench": name,
+        "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(),
+        "rows": rows,
+        "ratios": {k: round(v, 4) for k, v in ratios.items()},
+        "goals": goals,
+    }
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    columns = columns or list(rows[0])
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
