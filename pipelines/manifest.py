@@ -1,0 +1,156 @@
+"""Reading the job's manifest: one row per question, grouped into one work item per video clip.
+
+A manifest is JSONL or CSV with columns `id`, `video`, `question` (optional when captioning), and
+optionally `answer`, `start`, `end` (seconds). Every problem in the file is reported at once, with its
+line number, before any work starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KNOWN_COLUMNS = {"id", "video", "question", "answer", "start", "end"}
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be used; the message lists every problem with its line number."""
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    video: str  # resolved path
+    question: str | None
+    answer: str | None = None
+    start: float | None = None
+    end: float | None = None
+
+
+@dataclass
+class VideoItem:
+    """One clip to decode and encode once, with every question asked about it."""
+
+    video: str
+    start: float | None
+    end: float | None
+    questions: list[Question] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, float | None, float | None]:
+        return (self.video, self.start, self.end)
+
+
+def read_manifest(path: str | Path, video_root: str | Path | None = None, require_question: bool = True
+                  ) -> list[Question]:
+    """Parse and check a manifest. Relative video paths resolve against `video_root` (default: the
+    manifest's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path}: no such file")
+    root = Path(video_root) if video_root is not None else path.parent
+    records = _read_records(path)
+    problems: list[str] = []
+    questions: list[Question] = []
+    first_line: dict[str, int] = {}
+    for line, record in records:
+        where = f"{path}:{line}"
+        if isinstance(record, str):
+            problems.append(f"{where}: {record}")
+            continue
+        unknown = set(record) - KNOWN_COLUMNS
+        if unknown:
+            problems.append(f"{where}: unknown column(s) {', '.join(sorted(unknown))}")
+        qid = _text(record.get("id"))
+        video = _text(record.get("video"))
+        question = _text(record.get("question"))
+        if qid is None:
+            problems.append(f"{where}: missing id")
+        elif qid in first_line:
+            problems.append(f"{where}: duplicate id {qid!r} (first on line {first_line[qid]})")
+        else:
+            first_line[qid] = line
+        if video is None:
+            problems.append(f"{where}: missing video")
+        if question is None and require_question:
+            problems.append(f"{where}: missing question")
+        try:
+            start = _seconds(record.get("start"), "start")
+            end = _seconds(record.get("end"), "end")
+        except ValueError as err:
+            problems.append(f"{where}: {err}")
+            continue
+        if start is not None and end is not None and end <= start:
+            problems.append(f"{where}: end={end} is not after start={start}")
+        if qid is None or video is None:
+            continue
+        video_path = Path(video).expanduser()
+        if not video_path.is_absolute():
+            video_path = root / video_path
+        questions.append(Question(qid, str(video_path), question, _text(record.get("answer")), start, end))
+    if not records:
+        problems.append(f"{path}: no rows")
+    if problems:
+        raise ManifestError(f"manifest {path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return questions
+
+
+def group_by_video(questions: list[Question]) -> list[VideoItem]:
+    """One item per distinct (video, start, end), in first-seen order, so each clip is decoded and
+    encoded once however many questions it has."""
+    items: dict[tuple, VideoItem] = {}
+    for q in questions:
+        key = (q.video, q.start, q.end)
+        if key not in items:
+            items[key] = VideoItem(q.video, q.start, q.end)
+        items[key].questions.append(q)
+    return list(items.values())
+
+
+def _read_records(path: Path) -> list[tuple[int, dict | str]]:
+    """(line number, record or a description of why the line is malformed)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if reader.fieldnames is None:
+            return []
+        out: list[tuple[int, dict | str]] = []
+        for record in reader:
+            if None in record:
+                out.append((reader.line_num, f"{len(record[None])} more field(s) than the header"))
+            else:
+                out.append((reader.line_num, {k: v for k, v in record.items() if v not in ("", None)}))
+        return out
+    out = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as err:
+            out.append((number, f"not valid JSON ({err.msg})"))
+            continue
+        out.append((number, record if isinstance(record, dict) else "a JSON object is expected"))
+    return out
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _seconds(value: object, name: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    return seconds
