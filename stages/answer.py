@@ -1,0 +1,249 @@
+"""Answer stage: Video-LLaVA's LLM reads a prompt with the visual embeddings spliced in, and generates.
+
+The prompt is Video-LLaVA's `USER: <video>\\n{question} ASSISTANT:`. Its single `<video>` token is
+replaced by the video's M embeddings by building `inputs_embeds` directly. The alternative, writing M
+`<video>` placeholders and passing features for HF to `masked_scatter`, needs the placeholder count to
+match each video's M, which after temporal merging differs per video; counting fake tokens in text buys
+nothing. Splicing embeddings is exact (a test checks it against HF's own placeholder path) and lets
+several questions reuse one video's embeddings without re-encoding.
+
+Batches are left-padded (generation appends on the right) with an attention mask; `generate` derives
+position ids from the mask, and `build_inputs` returns them for a direct forward.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    VideoLlavaForConditionalGeneration,
+)
+
+from stages.model import DEFAULT_MODEL, load_video_llava
+
+PROMPT = "USER: <video>\n{question} ASSISTANT:"
+CAPTION_PROMPT = "Describe the video in detail."
+# batch column <- Answer field; the LLM's decode time is renamed so it never clobbers the decode stage's
+_COLUMNS = {
+    "predictions": "text",
+    "prompt_tokens": "prompt_tokens",
+    "generated_tokens": "generated_tokens",
+    "prefill_seconds": "prefill_seconds",
+    "llm_decode_seconds": "decode_seconds",
+}
+
+
+@dataclass
+class Answer:
+    """One generated answer. Times are those of the batched `generate` call the answer was part of."""
+
+    text: str
+    token_ids: list[int]  # the generated tokens, EOS included when generated
+    prompt_tokens: int  # text tokens + visual tokens read by the LLM (padding excluded)
+    generated_tokens: int  # new tokens up to and including EOS
+    prefill_seconds: float  # prompt forward up to the first token's logits
+    decode_seconds: float  # the remaining new tokens
+
+
+class AnswerStage:
+    """Visual embeddings + questions -> answers. A plain callable, and a Ray Data `map_batches` class.
+
+    `model` is a path or hub id (model and tokenizer are loaded here) or a loaded
+    `VideoLlavaForConditionalGeneration`, which then needs its `tokenizer`. `task="qa"` asks each
+    question; `task="caption"` asks `caption_prompt` once per video. Greedy unless `do_sample`
+    (then `temperature` and `top_p` apply). `batch_size` prompts go through `generate` together.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | VideoLlavaForConditionalGeneration = DEFAULT_MODEL,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        dtype: str | torch.dtype = "bfloat16",
+        device: str | torch.device = "auto",
+        task: Literal["qa", "caption"] = "qa",
+        caption_prompt: str = CAPTION_PROMPT,
+        prompt: str = PROMPT,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        batch_size: int = 8,
+    ) -> None:
+        if not isinstance(model, VideoLlavaForConditionalGeneration):
+            model, tokenizer = load_video_llava(model, dtype=dtype, device=device)
+        if tokenizer is None:
+            raise ValueError("a loaded model needs its tokenizer: AnswerStage(model, tokenizer)")
+        if task not in ("qa", "caption"):
+            raise ValueError(f"task must be 'qa' or 'caption', got {task!r}")
+        self.video_token = tokenizer.convert_ids_to_tokens(model.config.video_token_id)
+        if prompt.count(self.video_token) != 1 or "{question}" not in prompt:
+            raise ValueError(f"prompt must contain {self.video_token} once and {{question}}, got {prompt!r}")
+        if max_new_tokens < 1 or batch_size < 1:
+            raise ValueError(
+                f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}"
+            )
+        self.model, self.tokenizer = model, tokenizer
+        self.task, self.caption_prompt, self.prompt = task, caption_prompt, prompt
+        self.batch_size = batch_size
+        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        self.generation_config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        )
+
+    def build_inputs(
+        self, embeds: Sequence[torch.Tensor | np.ndarray], questions: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Left-padded `inputs_embeds` [B, L, H], `attention_mask` and `position_ids` for prompt i =
+        questions[i] with embeds[i] ([M_i, H]) in place of its `<video>` token.
+        """
+        if len(embeds) != len(questions):
+            raise ValueError(f"got {len(embeds)} visual embeddings for {len(questions)} questions")
+        embed_tokens = self.model.get_input_embeddings()
+        hidden, device, dtype = embed_tokens.embedding_dim, self.model.device, self.model.dtype
+        sequences = []
+        for i, (visual, question) in enumerate(zip(embeds, questions, strict=True)):
+            if not isinstance(question, str):
+                raise ValueError(f"question {i} must be a string, got {type(question).__name__}")
+            visual = torch.as_tensor(visual)
+            if visual.dim() != 2 or visual.shape[1] != hidden or len(visual) == 0:
+                shape = tuple(visual.shape)
+                raise ValueError(f"visual embeddings {i} must be [M >= 1, {hidden}], got {shape}")
+            ids = self.tokenizer(self.prompt.format(question=question), return_tensors="pt").input_ids[0]
+            at = (ids == self.model.config.video_token_id).nonzero().flatten()
+            if len(at) != 1:
+                raise ValueError(f"question {i} must not contain {self.video_token}: {question!r}")
+            text = embed_tokens(ids.to(device))
+            visual = visual.to(device, dtype)
+            sequences.append(torch.cat([text[: at[0]], visual, text[at[0] + 1 :]]))
+        length = max(len(seq) for seq in sequences)
+        inputs = torch.zeros(len(sequences), length, hidden, device=device, dtype=dtype)
+        mask = torch.zeros(len(sequences), length, device=device, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            inputs[row, length - len(seq) :] = seq
+            mask[row, length - len(seq) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {"inputs_embeds": inputs, "attention_mask": mask, "position_ids": positions}
+
+    @torch.inference_mode()
+    def answer(self, embeds: Sequence[torch.Tensor | np.ndarray], questions: Sequence[str]) -> list[Answer]:
+        """Answer questions[i] about the video with embeddings embeds[i], `batch_size` at a time.
+
+        Prompts are grouped by length (less padding); answers come back in input order.
+        """
+        order = sorted(range(len(questions)), key=lambda i: len(embeds[i]))
+        answers: dict[int, Answer] = {}
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            results = self._generate([embeds[i] for i in chunk], [questions[i] for i in chunk])
+            answers.update(zip(chunk, results, strict=True))
+        return [answers[i] for i in range(len(questions))]
+
+    def _generate(
+        self, embeds: Sequence[torch.Tensor | np.ndarray], questions: Sequence[str]
+    ) -> list[Answer]:
+        inputs = self.build_inputs(embeds, questions)
+        timer = _FirstLogitsTimer()
+        start = time.perf_counter()
+        new = self.model.generate(
+            inputs_embeds=inputs["inputs_embeds"],
+            attention_mask=inputs["attention_mask"],
+            generation_config=self.generation_config,
+            logits_processor=LogitsProcessorList([timer]),
+        )
+        end = time.perf_counter()
+        prefill = timer.first - start
+        eos = self.tokenizer.eos_token_id
+        answers = []
+        for row, tokens in enumerate(new.tolist()):
+            generated = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+            answers.append(
+                Answer(
+                    text=self.tokenizer.decode(tokens[:generated], skip_special_tokens=True).strip(),
+                    token_ids=tokens[:generated],
+                    prompt_tokens=int(inputs["attention_mask"][row].sum()),
+                    generated_tokens=generated,
+                    prefill_seconds=prefill,
+                    decode_seconds=end - timer.first,
+                )
+            )
+        return answers
+
+    def __call__(self, batch: dict) -> dict:
+        """Ray Data / local batch, one row per video: `visual_embeds` ([M, H] per row) and, for `qa`,
+        `questions` (a list of questions per row) -> list columns aligned with `questions`:
+        `predictions`, `prompt_tokens`, `generated_tokens`, `prefill_seconds`, `llm_decode_seconds`;
+        `visual_embeds` is dropped.
+
+        For `caption` each row gets one caption (repeated for every entry of `questions` when that
+        column is present). Rows without embeddings (an upstream `error`) get None in the new columns.
+        A failed generation never fails the batch: the batch is retried one video at a time and a video
+        that still fails gets None and its `error`. Other columns pass through.
+        """
+        embeds = list(batch["visual_embeds"])
+        errors = list(batch.get("error", [None] * len(embeds)))
+        if self.task == "qa" and "questions" not in batch:
+            raise ValueError(f"task 'qa' needs a 'questions' column, got columns {sorted(batch)}")
+        if self.task == "qa":
+            asked = [list(q) for q in batch["questions"]]
+        else:
+            asked = [[self.caption_prompt] for _ in embeds]
+        rows = [row for row, visual in enumerate(embeds) if visual is not None]
+        per_row: dict[int, list[Answer]] = {}
+        try:
+            per_row = self._answer_rows(rows, embeds, asked)
+        except Exception:  # noqa: BLE001 - isolate the failing video(s) below
+            for row in rows:
+                try:
+                    per_row.update(self._answer_rows([row], embeds, asked))
+                except Exception as err:  # noqa: BLE001 - one video's failure becomes its error
+                    errors[row] = f"answer: {type(err).__name__}: {err}"
+        if self.task == "caption" and "questions" in batch:
+            per_row = {row: answers * len(batch["questions"][row]) for row, answers in per_row.items()}
+        out = {key: value for key, value in batch.items() if key != "visual_embeds"}
+        for column, field in _COLUMNS.items():
+            out[column] = [
+                [getattr(a, field) for a in per_row[row]] if row in per_row else None
+                for row in range(len(embeds))
+            ]
+        out["error"] = errors
+        return out
+
+    def _answer_rows(
+        self, rows: list[int], embeds: list, asked: list[list[str]]
+    ) -> dict[int, list[Answer]]:
+        pairs = [(row, q) for row in rows for q in asked[row]]
+        results = self.answer([embeds[row] for row, _ in pairs], [q for _, q in pairs])
+        per_row: dict[int, list[Answer]] = {row: [] for row in rows}
+        for (row, _), result in zip(pairs, results, strict=True):
+            per_row[row].append(result)
+        return per_row
+
+
+class _FirstLogitsTimer(LogitsProcessor):
+    """Notes when `generate` first asks for next-token scores, i.e. when the prefill forward is done."""
+
+    def __init__(self) -> None:
+        self.first = 0.0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.first:
+            if scores.is_cuda:
+                torch.cuda.synchronize(scores.device)
+            self.first = time.perf_counter()
+        return scores

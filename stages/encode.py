@@ -1,0 +1,146 @@
+"""Encode stage: frames of videos -> the visual embeddings Video-LLaVA's LLM reads, shortened.
+
+Per batch of videos: CLIP preprocessing on the model's device, one tower pass over all frames (chunked
+by `frame_batch_size`), VisionZip per frame, temporal merging per video on the zipped tokens, then one
+projector call. Each video comes out with its own length M, ready for `stages.answer`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import VideoLlavaForConditionalGeneration
+
+from stages.model import DEFAULT_MODEL, load_video_llava
+from stages.preprocess import ClipPreprocess, check_frames
+from visionzip import merge_frames
+from visionzip.video_llava import Compression, frame_features, project, tokens_per_frame
+
+
+@dataclass
+class EncodedVideo:
+    """One video's visual embeddings and what the compression did to it."""
+
+    embeds: torch.Tensor  # [M, text_hidden] in the model's dtype, on its device
+    visual_tokens_full: int  # T * 257: what Video-LLaVA reads without compression
+    visual_tokens_after_zip: int  # T * (dominant + contextual) (= full for compression "none")
+    visual_tokens_kept: int  # M, after temporal merging: what the LLM reads
+    encode_seconds: float  # the batch's wall time, shared out by frame count
+
+
+class EncodeStage:
+    """Frames -> projected visual tokens. A plain callable, and a Ray Data `map_batches` class.
+
+    `model` is a path or hub id (loaded here, as a Ray actor does) or an already loaded
+    `VideoLlavaForConditionalGeneration` (shared with an `AnswerStage` in one process; `dtype` and
+    `device` are then ignored). Preprocessing parameters come from the model folder's
+    `preprocessor_config.json`, or CLIP's defaults.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | VideoLlavaForConditionalGeneration = DEFAULT_MODEL,
+        *,
+        dtype: str | torch.dtype = "bfloat16",
+        device: str | torch.device = "auto",
+        compression: Compression = "visionzip",
+        dominant: int = 14,
+        contextual: int = 3,
+        temporal: bool = False,
+        threshold: float = 0.9,
+        max_tokens: int | None = None,
+        frame_batch_size: int = 64,
+    ) -> None:
+        if not isinstance(model, VideoLlavaForConditionalGeneration):
+            model = load_video_llava(model, dtype=dtype, device=device)[0]
+        self.model = model
+        self.preprocess = ClipPreprocess.from_pretrained(model.name_or_path)
+        self.full_per_frame = tokens_per_frame(model)
+        if compression not in ("none", "visionzip"):
+            raise ValueError(f"compression must be 'none' or 'visionzip', got {compression!r}")
+        if compression == "visionzip" and (dominant < 1 or contextual < 0):
+            raise ValueError(f"need dominant >= 1 and contextual >= 0, got {dominant} and {contextual}")
+        if compression == "visionzip" and dominant + contextual > self.full_per_frame:
+            raise ValueError(
+                f"dominant + contextual = {dominant + contextual} exceeds the {self.full_per_frame} tokens "
+                "of a frame"
+            )
+        if frame_batch_size < 1:
+            raise ValueError(f"frame_batch_size must be >= 1, got {frame_batch_size}")
+        self.compression = compression
+        self.dominant, self.contextual = dominant, contextual
+        self.temporal, self.threshold, self.max_tokens = temporal, threshold, max_tokens
+        self.frame_batch_size = frame_batch_size
+
+    @torch.inference_mode()
+    def encode(self, videos: Sequence[np.ndarray | torch.Tensor]) -> list[EncodedVideo]:
+        """Encode the frames of each video (uint8 [T, H, W, 3] each; sizes and T may differ per video).
+
+        Raises ValueError naming the video when its frames are not such an array.
+        """
+        videos = [check_frames(frames, f"frames of video {i}") for i, frames in enumerate(videos)]
+        if not videos:
+            return []
+        start = time.perf_counter()
+        device, dtype = self.model.device, self.model.dtype
+        pixels = torch.cat([self.preprocess(frames, device, dtype) for frames in videos])
+        features = torch.cat([
+            frame_features(self.model, chunk, self.compression, self.dominant, self.contextual)
+            for chunk in pixels.split(self.frame_batch_size)
+        ])  # fmt: skip
+        counts = [len(frames) for frames in videos]
+        kept = [self._merge(per_video) for per_video in features.split(counts)]
+        embeds = project(self.model, torch.cat(kept)).split([len(tokens) for tokens in kept])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        return [
+            EncodedVideo(
+                embeds=emb,
+                visual_tokens_full=n * self.full_per_frame,
+                visual_tokens_after_zip=n * features.shape[1],
+                visual_tokens_kept=len(emb),
+                encode_seconds=seconds * n / sum(counts),
+            )
+            for emb, n in zip(embeds, counts, strict=True)
+        ]
+
+    def _merge(self, features: torch.Tensor) -> torch.Tensor:
+        """[T, K, D] -> [M, D]: temporal merging when enabled (CLS of each frame protected), else flatten."""
+        if not self.temporal:
+            return features.flatten(0, 1)
+        merged = merge_frames(features, self.threshold, protect_first=True, max_tokens=self.max_tokens)
+        return merged.tokens
+
+    def __call__(self, batch: dict) -> dict:
+        """Ray Data / local batch: column `frames` (uint8 [T, H, W, 3] per row) -> embeddings and stats.
+
+        Adds `visual_embeds` (float32 numpy [M, text_hidden], exact for bf16/fp16 models),
+        `visual_tokens_full`, `visual_tokens_after_zip`, `visual_tokens_kept`, `encode_seconds` and
+        `error`; drops `frames` so decoded pixels do not travel further. A row that arrives with an `error`
+        or whose frames are invalid is not encoded: its new columns are None and `error` says why. Other
+        columns pass through.
+        """
+        rows = len(batch["frames"])
+        errors = [e if isinstance(e, str) and e else None for e in batch.get("error", [None] * rows)]
+        todo = []
+        for i, frames in enumerate(batch["frames"]):
+            if errors[i] is None:
+                try:
+                    todo.append((i, check_frames(frames, "frames")))
+                except ValueError as err:
+                    errors[i] = f"encode: {err}"
+        done = dict(zip([i for i, _ in todo], self.encode([frames for _, frames in todo]), strict=True))
+        out = {key: value for key, value in batch.items() if key != "frames"}
+        out["visual_embeds"] = [
+            done[i].embeds.float().cpu().numpy() if i in done else None for i in range(rows)
+        ]
+        for key in ("visual_tokens_full", "visual_tokens_after_zip", "visual_tokens_kept", "encode_seconds"):
+            out[key] = [getattr(done[i], key) if i in done else None for i in range(rows)]
+        out["error"] = errors
+        return out

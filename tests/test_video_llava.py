@@ -1,0 +1,352 @@
+"""Video-LLaVA with compressed visual tokens, on the tiny random model: load, encode, answer."""
+
+from __future__ import annotations
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from stages.answer import PROMPT, AnswerStage
+from stages.encode import EncodeStage
+from stages.model import ModelLoadError, build_tiny_video_llava, load_video_llava
+from visionzip import zip_clip
+
+QUESTION = "What color is the moving object?"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_video_llava(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    """float32, so that comparisons with HF's own path can be tight."""
+    return load_video_llava(tiny_dir, dtype="float32", device="cpu")
+
+
+def make_video(frames: int, seed: int, height: int = 120, width: int = 160) -> np.ndarray:
+    """Smooth gradients with a few bright squares at random places: differs from frame to frame."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    video = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        img = np.stack([x * 255 // width, y * 255 // height, (x + y + 37 * t) % 256], -1)
+        for _ in range(4):
+            top, left = rng.integers(0, height - 30), rng.integers(0, width - 30)
+            img[top : top + 30, left : left + 30] = rng.integers(0, 256, 3)
+        video[t] = img
+    return video
+
+
+def static_video(frames: int = 8) -> np.ndarray:
+    return np.repeat(make_video(1, seed=7), frames, axis=0)
+
+
+# ---------------------------------------------------------------- building and loading
+
+
+def test_tiny_build_is_deterministic_and_cached(tmp_path, tiny_dir):
+    again = build_tiny_video_llava(tmp_path / "again")
+    names = sorted(p.name for p in tiny_dir.iterdir())
+    assert names == sorted(p.name for p in again.iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= set(names)
+    for name in names:
+        assert (tiny_dir / name).read_bytes() == (again / name).read_bytes(), name
+
+    weights = again / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert build_tiny_video_llava(again) == again
+    assert weights.stat().st_mtime_ns == stamp  # cached: nothing rewritten
+
+    (again / "TINY_BUILD_COMPLETE").unlink()  # as if a build had died before its marker
+    weights.write_bytes(b"half written")
+    build_tiny_video_llava(again)
+    assert weights.read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
+
+    other_seed = build_tiny_video_llava(tmp_path / "seed1", seed=1)
+    assert (other_seed / "model.safetensors").read_bytes() != weights.read_bytes()
+
+
+def test_tiny_build_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ModelLoadError, match="notes.txt"):
+        build_tiny_video_llava(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_tiny_round_trip_through_the_loader(tiny_dir):
+    model, tokenizer = load_video_llava(tiny_dir, device="cpu")  # the defaults, as for the real model
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert model.config.model_type == "video_llava"
+    assert model.config.vision_feature_layer == -2
+    vision = model.config.vision_config
+    assert (vision.image_size // vision.patch_size) ** 2 + 1 == 257
+    assert model.model.video_tower.config._attn_implementation == "sdpa"
+    assert model.model.language_model.config._attn_implementation == "sdpa"
+    assert tokenizer.convert_tokens_to_ids("<video>") == model.config.video_token_id
+    assert tokenizer.pad_token == "<pad>" and tokenizer.pad_token_id < model.config.text_config.vocab_size
+    ids = tokenizer("USER: <video>\nWhat is the color? ASSISTANT:").input_ids
+    assert tokenizer.convert_ids_to_tokens(ids)[:4] == ["<s>", "▁USER", ":", "▁"]
+    assert tokenizer.convert_ids_to_tokens(ids)[-2:] == ["▁ASSISTANT", ":"]
+    text = "naïve ✓ 42 <video>"  # byte fallback: anything round-trips
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
+
+
+def test_loader_errors_name_the_path_and_the_problem(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match="neither an existing folder nor a hub id"):
+        load_video_llava(tmp_path / "missing")
+    (tmp_path / "file.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="is a file"):
+        load_video_llava(tmp_path / "file.bin")
+    with pytest.raises(ModelLoadError, match="cannot load a model config from .*empty"):
+        (tmp_path / "empty").mkdir()
+        load_video_llava(tmp_path / "empty")
+    LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ModelLoadError, match="'llama' checkpoint, not Video-LLaVA"):
+        load_video_llava(tmp_path / "llama")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no 30 s of network retries
+    with pytest.raises(ModelLoadError, match="cannot load a model config from 'someorg/no-such-model'"):
+        load_video_llava("someorg/no-such-model")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_video_llava(tmp_path / "llama", dtype="float8")
+
+
+# ---------------------------------------------------------------- compression=none is HF's own path
+
+
+def test_none_gives_hf_logits_and_greedy_output(tiny):
+    model, tokenizer = tiny
+    video = make_video(8, seed=0)
+    encoder = EncodeStage(model, compression="none")
+    answerer = AnswerStage(model, tokenizer, max_new_tokens=8)
+    encoded = encoder.encode([video])[0]
+    assert encoded.embeds.shape == (8 * 257, 64)
+    assert encoded.visual_tokens_full == encoded.visual_tokens_after_zip == encoded.visual_tokens_kept == 2056
+
+    # HF: the processor expands the prompt's <video> to frames x 257 placeholders; the model fills them.
+    expanded = PROMPT.format(question=QUESTION).replace("<video>", "<video>" * 2056)
+    hf_inputs = tokenizer(expanded, return_tensors="pt")
+    pixels = encoder.preprocess(video)[None]  # [1, 8, 3, 224, 224]
+    ours = answerer.build_inputs([encoded.embeds], [QUESTION])
+    with torch.inference_mode():
+        hf_logits = model(**hf_inputs, pixel_values_videos=pixels).logits
+        our_logits = model(**ours).logits
+        hf_new = model.generate(
+            **hf_inputs, pixel_values_videos=pixels, generation_config=answerer.generation_config
+        )[0, hf_inputs.input_ids.shape[1] :]
+    assert our_logits.shape == hf_logits.shape == (1, hf_inputs.input_ids.shape[1], len(tokenizer))
+    torch.testing.assert_close(our_logits, hf_logits, atol=1e-4, rtol=0)
+    answer = answerer.answer([encoded.embeds], [QUESTION])[0]
+    assert answer.token_ids == hf_new.tolist()
+    assert answer.prompt_tokens == hf_inputs.input_ids.shape[1]
+    assert answer.text == tokenizer.decode(hf_new, skip_special_tokens=True).strip()
+
+
+# ---------------------------------------------------------------- visionzip and temporal merging
+
+
+def test_visionzip_keeps_17_tokens_per_frame_and_projects_them(tiny):
+    model, _ = tiny
+    video = make_video(8, seed=1)
+    encoder = EncodeStage(model, compression="visionzip", dominant=14, contextual=3)
+    encoded = encoder.encode([video])[0]
+    assert (encoded.visual_tokens_full, encoded.visual_tokens_after_zip, encoded.visual_tokens_kept) == (
+        2056,
+        136,
+        136,
+    )
+    with torch.inference_mode():
+        zipped = zip_clip(
+            model.model.video_tower, encoder.preprocess(video), dominant=14, contextual=3, layer=-2
+        )
+        expected = model.model.multi_modal_projector(zipped.tokens).flatten(0, 1)
+    assert zipped.tokens.shape == (8, 17, 64)
+    torch.testing.assert_close(encoded.embeds, expected, atol=1e-6, rtol=0)
+
+    wide = EncodeStage(model, dominant=30, contextual=5).encode([video])[0]
+    assert wide.visual_tokens_kept == 8 * 35
+
+
+def test_temporal_merging_shrinks_a_static_video(tiny):
+    model, _ = tiny
+    encoder = EncodeStage(model, temporal=True, threshold=0.9)
+    static, moving = encoder.encode([static_video(8), make_video(8, seed=2)])
+    # frame 0 survives whole; later frames keep only their protected CLS token
+    assert (static.visual_tokens_after_zip, static.visual_tokens_kept) == (136, 17 + 7)
+    assert static.visual_tokens_kept < moving.visual_tokens_kept <= 136
+    capped = EncodeStage(model, temporal=True, threshold=0.99, max_tokens=60).encode([make_video(8, seed=2)])[
+        0
+    ]
+    assert capped.visual_tokens_kept == 60 and capped.embeds.shape == (60, 64)
+
+
+def test_one_tower_pass_for_all_videos_in_chunks(tiny):
+    model, _ = tiny
+    videos = [make_video(8, seed=3), make_video(5, seed=4, height=90, width=200), make_video(3, seed=5)]
+    calls = []
+    hook = model.model.video_tower.embeddings.register_forward_hook(
+        lambda module, args, out: calls.append(len(args[0]))
+    )
+    try:
+        together = EncodeStage(model, frame_batch_size=6).encode(videos)
+    finally:
+        hook.remove()
+    assert calls == [6, 6, 4]  # 16 frames, chunks of 6, videos mixed in one pass
+    for video, encoded in zip(videos, together, strict=True):
+        alone = EncodeStage(model).encode([video])[0]
+        torch.testing.assert_close(encoded.embeds, alone.embeds, atol=1e-5, rtol=1e-5)
+        assert encoded.visual_tokens_full == len(video) * 257
+    shares = [e.encode_seconds for e in together]  # one timing shared out by frame count
+    assert shares[0] / shares[2] == pytest.approx(8 / 3)
+
+
+# ---------------------------------------------------------------- answering
+
+
+def test_batch_of_three_equals_three_single_runs(tiny):
+    model, tokenizer = tiny
+    encoder = EncodeStage(model, temporal=True)
+    videos = [make_video(8, seed=6), make_video(5, seed=8), static_video(8)]
+    embeds = [e.embeds for e in encoder.encode(videos)]
+    assert len({len(e) for e in embeds}) == 3  # different visual lengths -> real left padding
+    questions = ["What color is it?", "How many objects are there?", "Is it moving left or right?"]
+    answerer = AnswerStage(model, tokenizer, max_new_tokens=10, batch_size=3)
+    batched = answerer.answer(embeds, questions)
+    singles = [answerer.answer([e], [q])[0] for e, q in zip(embeds, questions, strict=True)]
+    assert [a.token_ids for a in batched] == [a.token_ids for a in singles]
+    assert [a.text for a in batched] == [a.text for a in singles]
+    assert [a.prompt_tokens for a in batched] == [a.prompt_tokens for a in singles]
+    assert len({tuple(a.token_ids) for a in singles}) > 1  # the inputs matter, so the check can fail
+    for answer in batched:
+        assert 1 <= answer.generated_tokens == len(answer.token_ids) <= 10
+        assert answer.prefill_seconds > 0 and answer.decode_seconds > 0
+
+
+def test_encode_once_answer_many_through_the_batch_callables(tiny):
+    model, tokenizer = tiny
+    encoder = EncodeStage(model, compression="visionzip")
+    answerer = AnswerStage(model, tokenizer, max_new_tokens=6)
+    batch = {
+        "video": ["a.mp4", "b.mp4", "broken.mp4", "gray.mp4"],
+        "frames": [make_video(8, seed=9), make_video(4, seed=10), None, np.zeros((8, 32, 32), np.uint8)],
+        "questions": [["What color?", "How many?", "Where is it?"], ["Is it red?"], ["Why?"], ["Who?"]],
+        "error": [None, None, "decode: not a video", None],
+    }
+    encoded = encoder(batch)
+    assert "frames" not in encoded and encoded["video"] == batch["video"]
+    assert encoded["visual_tokens_kept"] == [136, 68, None, None]
+    assert encoded["visual_embeds"][0].dtype == np.float32 and encoded["visual_embeds"][0].shape == (136, 64)
+    assert encoded["error"][2] == "decode: not a video"
+    assert encoded["error"][3].startswith("encode: frames must have shape [T, H, W, 3]")
+    assert encoded["error"][3].endswith("got (8, 32, 32)")
+
+    answered = answerer(encoded)
+    assert "visual_embeds" not in answered
+    assert [len(p) if p else p for p in answered["predictions"]] == [3, 1, None, None]
+    text_tokens = len(tokenizer(PROMPT.format(question="Is it red?")).input_ids) - 1  # minus <video>
+    assert answered["prompt_tokens"][1] == [68 + text_tokens]
+    embeds = torch.from_numpy(encoded["visual_embeds"][0])
+    for question, prediction in zip(batch["questions"][0], answered["predictions"][0], strict=True):
+        assert prediction == answerer.answer([embeds], [question])[0].text
+
+
+def test_qa_and_caption_prompts(tiny):
+    model, tokenizer = tiny
+    embeds = EncodeStage(model).encode([make_video(4, seed=11)])[0].embeds
+    caption = AnswerStage(
+        model, tokenizer, task="caption", caption_prompt="Describe this scene.", max_new_tokens=6
+    )
+    qa = AnswerStage(model, tokenizer, task="qa", max_new_tokens=6)
+    as_caption = caption({"visual_embeds": [embeds], "questions": [[None, None]]})
+    as_question = qa.answer([embeds], ["Describe this scene."])[0]
+    assert as_caption["predictions"] == [[as_question.text] * 2]
+    text_tokens = (
+        len(tokenizer(PROMPT.format(question="Describe this scene.")).input_ids) - 1
+    )  # minus <video>
+    assert as_question.prompt_tokens == text_tokens + 68
+    default_caption = AnswerStage(model, tokenizer, task="caption", max_new_tokens=6)
+    assert (
+        default_caption({"visual_embeds": [embeds]})["prompt_tokens"][0][0]
+        == len(tokenizer(PROMPT.format(question="Describe the video in detail.")).input_ids) - 1 + 68
+    )
+
+
+def test_sampling_uses_temperature_and_top_p(tiny):
+    model, tokenizer = tiny
+    embeds = EncodeStage(model).encode([make_video(2, seed=12)])[0].embeds
+    sampler = AnswerStage(model, tokenizer, do_sample=True, temperature=5.0, top_p=0.95, max_new_tokens=8)
+    assert sampler.generation_config.temperature == 5.0 and sampler.generation_config.top_p == 0.95
+    torch.manual_seed(0)
+    first = sampler.answer([embeds], [QUESTION])[0].token_ids
+    torch.manual_seed(0)
+    assert sampler.answer([embeds], [QUESTION])[0].token_ids == first
+    greedy = AnswerStage(model, tokenizer, max_new_tokens=8).answer([embeds], [QUESTION])[0].token_ids
+    assert first != greedy  # temperature 5 flattens the distribution
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("frames", "problem"),
+    [
+        (np.zeros((8, 64, 64), np.uint8), r"shape \[T, H, W, 3\].*\(8, 64, 64\)"),
+        (np.zeros((8, 3, 64, 64), np.uint8), r"shape \[T, H, W, 3\].*\(8, 3, 64, 64\)"),
+        (np.zeros((8, 64, 64, 3), np.float32), "must be uint8.*float32"),
+        (np.zeros((0, 64, 64, 3), np.uint8), "empty"),
+        ([[1, 2, 3]], "got list"),
+    ],
+)
+def test_encode_rejects_bad_frames(tiny, frames, problem):
+    with pytest.raises(ValueError, match=rf"frames of video 1 .*{problem}"):
+        EncodeStage(tiny[0]).encode([make_video(2, seed=0), frames])
+
+
+def test_stages_reject_bad_settings_and_inputs(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="compression must be 'none' or 'visionzip', got 'tome'"):
+        EncodeStage(model, compression="tome")
+    with pytest.raises(ValueError, match="dominant \\+ contextual = 300 exceeds the 257 tokens"):
+        EncodeStage(model, dominant=290, contextual=10)
+    with pytest.raises(ValueError, match="frame_batch_size"):
+        EncodeStage(model, frame_batch_size=0)
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        AnswerStage(model)
+    with pytest.raises(ValueError, match="task must be"):
+        AnswerStage(model, tokenizer, task="translate")
+    with pytest.raises(ValueError, match="prompt must contain <video> once"):
+        AnswerStage(model, tokenizer, prompt="USER: {question} ASSISTANT:")
+    answerer = AnswerStage(model, tokenizer)
+    with pytest.raises(ValueError, match=r"visual embeddings 0 must be \[M >= 1, 64\], got \(5, 32\)"):
+        answerer.answer([torch.zeros(5, 32)], ["Why?"])
+    with pytest.raises(ValueError, match="question 0 must not contain <video>"):
+        answerer.answer([torch.zeros(5, 64)], ["Why <video>?"])
+    with pytest.raises(ValueError, match="question 0 must be a string"):
+        answerer.answer([torch.zeros(5, 64)], [None])
+    with pytest.raises(
+        ValueError, match="task 'qa' needs a 'questions' column, got columns \\['visual_embeds'\\]"
+    ):
+        answerer({"visual_embeds": [torch.zeros(5, 64)]})
+    with pytest.raises(ValueError, match="2 visual embeddings for 1 questions"):
+        answerer.build_inputs([torch.zeros(5, 64)] * 2, ["Why?"])
+
+
+def test_a_failed_generation_becomes_that_videos_error_row(tiny):
+    model, tokenizer = tiny
+    answerer = AnswerStage(model, tokenizer, max_new_tokens=3)
+    good = EncodeStage(model).encode([make_video(2, seed=5)])[0].embeds.numpy()
+    wrong_width = np.zeros((5, 32), np.float32)  # not the LLM's width: generation of this video fails
+    out = answerer({
+        "visual_embeds": [good, wrong_width, good],
+        "questions": [["What color?"], ["Why?"], ["How many?", "Where?"]],
+        "error": [None, None, None],
+    })  # fmt: skip
+    assert out["error"][0] is None and out["error"][2] is None
+    assert out["error"][1].startswith("answer: ValueError: visual embeddings 0 must be [M >= 1, 64]")
+    assert out["predictions"][1] is None and out["llm_decode_seconds"][1] is None
+    assert out["predictions"][0] == [answerer.answer([good], ["What color?"])[0].text]
+    assert len(out["predictions"][2]) == 2 and len(out["prefill_seconds"][2]) == 2

@@ -1,0 +1,62 @@
+"""Video-LLaVA adapter: per-frame visual tokens from its video tower, with or without VisionZip.
+
+transformers' `VideoLlavaModel.get_video_features` runs the video tower, takes
+`hidden_states[vision_feature_layer]` with all tokens (for video the CLS is kept: 257 per 224 px frame)
+and applies the multimodal projector. Here the two halves are separate so that token reduction (VisionZip
+per frame, temporal merging across frames) happens on the tower's features before the projector, as in
+the paper, and the projector runs on the short sequence only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .clip import zip_clip
+
+Compression = Literal["none", "visionzip"]
+
+
+def feature_layer(model: nn.Module) -> int:
+    """The tower layer Video-LLaVA feeds the LLM (-2); a list of layers (concatenated) is not supported."""
+    layer = model.config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer must be a single layer for token compression, got {layer}")
+    return layer
+
+
+def tokens_per_frame(model: nn.Module) -> int:
+    """Tokens the video tower gives each frame: the patch grid plus CLS (257 at 224 px / patch 14)."""
+    vision = model.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2 + 1
+
+
+def frame_features(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    compression: Compression = "none",
+    dominant: int = 14,
+    contextual: int = 3,
+) -> torch.Tensor:
+    """Visual tokens of each frame before the projector: [F, K, vision_hidden].
+
+    model: a `VideoLlavaForConditionalGeneration`; pixel_values [F, 3, H, W] (frames of any videos).
+    `none` is HF's path exactly (K = 257, CLS first). `visionzip` keeps `dominant` (CLS included) +
+    `contextual` tokens per frame (K = dominant + contextual), selected at the same layer, and skips the
+    tower's layers after it.
+    """
+    tower = model.model.video_tower
+    layer = feature_layer(model)
+    if compression == "none":
+        # An int asks the tower to keep only that hidden state, as get_video_features does.
+        return tower(pixel_values, output_hidden_states=layer).hidden_states[layer]
+    if compression == "visionzip":
+        return zip_clip(tower, pixel_values, dominant=dominant, contextual=contextual, layer=layer).tokens
+    raise ValueError(f"compression must be 'none' or 'visionzip', got {compression!r}")
+
+
+def project(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Map vision tokens [..., vision_hidden] into the LLM's embedding space [..., text_hidden]."""
+    return model.model.multi_modal_projector(tokens)
