@@ -21,7 +21,6 @@ class ModelConfig:
     dtype: str = "bfloat16"
     device: str = "auto"
     build_tiny: bool = False  # build the tiny random model into `path` first (tests, demo)
-    projector_path: str | None = None
 
 
 @dataclass
@@ -47,6 +46,7 @@ class DecodeConfig:
     fps: float | None = None
     max_frames: int = 64
     size: int | None = 224
+    recover: bool = False  # leave out frames that cannot be decoded instead of failing the video
 
 
 @dataclass
@@ -55,7 +55,7 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int = 0
+    batch_size: int = 8  # prompts per `generate` call (left-padded together)
 
 
 @dataclass
@@ -71,7 +71,6 @@ class StageResources:
     num_gpus: float | None = 0.0  # None: one per actor when the cluster has GPUs
     pool_size: int = 1
     batch_size: int = 4
-    max_restarts: int = 2
 
 
 @dataclass
@@ -180,6 +179,8 @@ def validate(job: JobConfig) -> None:
     if d.size is not None and d.size < 1:
         problems.append(f"decode.size={d.size} must be >= 1 or null")
     g = job.pipeline.generation
+    if g.batch_size < 1:
+        problems.append(f"pipeline.generation.batch_size={g.batch_size} must be >= 1")
     if g.max_new_tokens < 1:
         problems.append(f"pipeline.generation.max_new_tokens={g.max_new_tokens} must be >= 1")
     if g.do_sample and (g.temperature <= 0 or not 0 < g.top_p <= 1):

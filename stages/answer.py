@@ -29,6 +29,7 @@ from transformers import (
     VideoLlavaForConditionalGeneration,
 )
 
+from stages.batch import errors_of
 from stages.model import DEFAULT_MODEL, load_video_llava
 
 PROMPT = "USER: <video>\n{question} ASSISTANT:"
@@ -191,19 +192,19 @@ class AnswerStage:
         `visual_embeds` is dropped.
 
         For `caption` each row gets one caption (repeated for every entry of `questions` when that
-        column is present). Rows without embeddings (an upstream `error`) get None in the new columns.
+        column is present). Rows with an upstream `error` get None in the new columns.
         A failed generation never fails the batch: the batch is retried one video at a time and a video
         that still fails gets None and its `error`. Other columns pass through.
         """
         embeds = list(batch["visual_embeds"])
-        errors = list(batch.get("error", [None] * len(embeds)))
+        errors = errors_of(batch, len(embeds))
         if self.task == "qa" and "questions" not in batch:
             raise ValueError(f"task 'qa' needs a 'questions' column, got columns {sorted(batch)}")
         if self.task == "qa":
             asked = [list(q) for q in batch["questions"]]
         else:
             asked = [[self.caption_prompt] for _ in embeds]
-        rows = [row for row, visual in enumerate(embeds) if visual is not None]
+        rows = [row for row, visual in enumerate(embeds) if errors[row] is None and visual is not None]
         per_row: dict[int, list[Answer]] = {}
         try:
             per_row = self._answer_rows(rows, embeds, asked)

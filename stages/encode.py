@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from transformers import VideoLlavaForConditionalGeneration
 
+from stages.batch import errors_of
 from stages.model import DEFAULT_MODEL, load_video_llava
 from stages.preprocess import ClipPreprocess, check_frames
 from visionzip import merge_frames
@@ -123,11 +124,13 @@ class EncodeStage:
         Adds `visual_embeds` (float32 numpy [M, text_hidden], exact for bf16/fp16 models),
         `visual_tokens_full`, `visual_tokens_after_zip`, `visual_tokens_kept`, `encode_seconds` and
         `error`; drops `frames` so decoded pixels do not travel further. A row that arrives with an `error`
-        or whose frames are invalid is not encoded: its new columns are None and `error` says why. Other
+        or whose frames are invalid is not encoded: its `visual_embeds` is empty ([0, text_hidden], not
+        None, so Ray Data keeps a tensor column), its stats are None and `error` says why. A failure of
+        the batched encode is retried one video at a time, so it costs only the failing video. Other
         columns pass through.
         """
         rows = len(batch["frames"])
-        errors = [e if isinstance(e, str) and e else None for e in batch.get("error", [None] * rows)]
+        errors = errors_of(batch, rows)
         todo = []
         for i, frames in enumerate(batch["frames"]):
             if errors[i] is None:
@@ -135,10 +138,20 @@ class EncodeStage:
                     todo.append((i, check_frames(frames, "frames")))
                 except ValueError as err:
                     errors[i] = f"encode: {err}"
-        done = dict(zip([i for i, _ in todo], self.encode([frames for _, frames in todo]), strict=True))
+        done: dict[int, EncodedVideo] = {}
+        try:
+            done = dict(zip([i for i, _ in todo], self.encode([frames for _, frames in todo]), strict=True))
+        except Exception:  # noqa: BLE001 - isolate the failing video(s) below
+            for i, frames in todo:
+                try:
+                    done[i] = self.encode([frames])[0]
+                except Exception as err:  # noqa: BLE001 - one video's failure becomes its error
+                    errors[i] = f"encode: {type(err).__name__}: {err}"
+        hidden = self.model.get_input_embeddings().embedding_dim
         out = {key: value for key, value in batch.items() if key != "frames"}
         out["visual_embeds"] = [
-            done[i].embeds.float().cpu().numpy() if i in done else None for i in range(rows)
+            done[i].embeds.float().cpu().numpy() if i in done else np.empty((0, hidden), np.float32)
+            for i in range(rows)
         ]
         for key in ("visual_tokens_full", "visual_tokens_after_zip", "visual_tokens_kept", "encode_seconds"):
             out[key] = [getattr(done[i], key) if i in done else None for i in range(rows)]

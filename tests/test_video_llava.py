@@ -350,3 +350,21 @@ def test_a_failed_generation_becomes_that_videos_error_row(tiny):
     assert out["predictions"][1] is None and out["llm_decode_seconds"][1] is None
     assert out["predictions"][0] == [answerer.answer([good], ["What color?"])[0].text]
     assert len(out["predictions"][2]) == 2 and len(out["prefill_seconds"][2]) == 2
+
+
+def test_a_failed_encode_costs_only_the_failing_video(tiny):
+    model, _ = tiny
+    encoder = EncodeStage(model)
+    batched = encoder.encode
+
+    def fails_on_tall_frames(videos):
+        if any(v.shape[1] == 200 for v in videos):
+            raise RuntimeError("CUDA out of memory")
+        return batched(videos)
+
+    encoder.encode = fails_on_tall_frames
+    out = encoder({"frames": [make_video(2, seed=1), make_video(2, seed=2, height=200), make_video(2, seed=3)]})
+    assert out["error"] == [None, "encode: RuntimeError: CUDA out of memory", None]
+    assert [e.shape for e in out["visual_embeds"]] == [(34, 64), (0, 64), (34, 64)]
+    assert out["visual_tokens_kept"] == [34, None, 34]
+    np.testing.assert_array_equal(out["visual_embeds"][2], batched([make_video(2, seed=3)])[0].embeds.numpy())

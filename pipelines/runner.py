@@ -1,0 +1,154 @@
+"""Running a job's stages over its video items: in-process (`runner=local`) or with Ray Data.
+
+Both runners drive the same stage classes (decode -> encode -> answer) over one row per video clip,
+then explode each finished video row into one output row per question on the driver. With Ray, each
+stage is an actor pool (`map_batches` with `ActorPoolStrategy`) and the dataset streams, so decoding,
+encoding and answering of different videos overlap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipelines.config import JobConfig, StageResources
+from pipelines.manifest import VideoItem
+from stages.answer import AnswerStage
+from stages.batch import is_missing
+from stages.decode import DecodeStage
+from stages.encode import EncodeStage
+from stages.model import load_video_llava
+
+
+@dataclass
+class StageSpec:
+    name: str
+    cls: type
+    kwargs: dict[str, Any]
+    resources: StageResources
+
+
+def stage_specs(job: JobConfig) -> list[StageSpec]:
+    """The three stages with their constructor arguments, taken from the job's config."""
+    m, c, d, p = job.model, job.compression, job.decode, job.pipeline
+    model = {"model": m.path, "dtype": m.dtype, "device": m.device}
+    decode = {"num_frames": d.num_frames, "strategy": d.strategy, "backend": d.backend, "fps": d.fps,
+              "max_frames": d.max_frames, "size": d.size, "recover": d.recover}
+    encode = {"compression": c.method, "dominant": c.dominant, "contextual": c.contextual,
+              "temporal": c.temporal.enabled, "threshold": c.temporal.threshold,
+              "max_tokens": c.temporal.max_tokens, "frame_batch_size": job.resources.frame_batch_size}
+    g = p.generation
+    answer = {"task": p.task, "caption_prompt": p.caption_prompt, "max_new_tokens": g.max_new_tokens,
+              "do_sample": g.do_sample, "temperature": g.temperature, "top_p": g.top_p,
+              "batch_size": g.batch_size}
+    r = job.resources
+    return [
+        StageSpec("decode", DecodeStage, decode, r.decode),
+        StageSpec("encode", EncodeStage, {**model, **encode}, r.encode),
+        StageSpec("answer", AnswerStage, {**model, **answer}, r.answer),
+    ]
+
+
+def item_rows(items: list[VideoItem]) -> list[dict]:
+    """One row per clip, carrying its questions (decoded and encoded once for all of them)."""
+    return [
+        {
+            "video": item.video,
+            "start": item.start,
+            "end": item.end,
+            "ids": [q.id for q in item.questions],
+            "questions": [q.question for q in item.questions],
+            "answers": [q.answer for q in item.questions],
+        }
+        for item in items
+    ]
+
+
+def question_rows(video_row: dict) -> Iterator[dict]:
+    """A finished video row -> one output row per question."""
+    n = len(video_row["ids"])
+    error = video_row.get("error")
+    per_answer = {key: _per_answer(video_row.get(key), n)
+                  for key in ("predictions", "prompt_tokens", "generated_tokens", "prefill_seconds",
+                              "llm_decode_seconds")}
+    for i in range(n):
+        prefill, decode = per_answer["prefill_seconds"][i], per_answer["llm_decode_seconds"][i]
+        yield {
+            "id": str(video_row["ids"][i]),
+            "video": str(video_row["video"]),
+            "question": _plain(video_row["questions"][i]),
+            "prediction": per_answer["predictions"][i],
+            "answer": _plain(video_row["answers"][i]),
+            "visual_tokens_full": _count(video_row.get("visual_tokens_full")),
+            "visual_tokens_kept": _count(video_row.get("visual_tokens_kept")),
+            "decode_seconds": _plain(video_row.get("decode_seconds")),
+            "encode_seconds": _plain(video_row.get("encode_seconds")),
+            "answer_seconds": None if prefill is None else prefill + decode,
+            "prompt_tokens": _count(per_answer["prompt_tokens"][i]),
+            "generated_tokens": _count(per_answer["generated_tokens"][i]),
+            "error": None if is_missing(error) else str(error),
+        }
+
+
+def _per_answer(values: Any, n: int) -> list:
+    if values is None:
+        return [None] * n
+    return [_plain(v) for v in values]
+
+
+def _count(value: Any) -> int | None:
+    """A token count; a column with nulls comes back from Arrow as floats."""
+    value = _plain(value)
+    return None if value is None else int(value)
+
+
+def _plain(value: Any) -> Any:
+    """Numpy scalars and Arrow nulls (NaN in float columns) -> JSON-ready Python values."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return None if is_missing(value) else value
+
+
+def run_local(job: JobConfig, rows: list[dict], on_video: Callable[[dict], None]) -> None:
+    """The stages in this process, one batch of videos after another; the model is loaded once and
+    shared by encode and answer."""
+    decode_spec, encode_spec, answer_spec = stage_specs(job)
+    model, tokenizer = load_video_llava(job.model.path, dtype=job.model.dtype, device=job.model.device)
+    decode = DecodeStage(**decode_spec.kwargs)
+    skip = ("model", "dtype", "device")
+    encode = EncodeStage(model, **{k: v for k, v in encode_spec.kwargs.items() if k not in skip})
+    answer = AnswerStage(model, tokenizer, **{k: v for k, v in answer_spec.kwargs.items() if k not in skip})
+    size = decode_spec.resources.batch_size
+    for start in range(0, len(rows), size):
+        batch = {key: [row[key] for row in rows[start : start + size]] for key in rows[0]}
+        out = answer(encode(decode(batch)))
+        for i in range(len(out["video"])):
+            on_video({key: values[i] for key, values in out.items()})
+
+
+def run_ray(job: JobConfig, rows: list[dict], on_video: Callable[[dict], None]) -> None:
+    """The stages as Ray Data actor pools over a streaming dataset (Ray must be initialised)."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # the driver shows its own progress
+    has_gpus = ray.cluster_resources().get("GPU", 0) >= 1
+    blocks = max(1, math.ceil(len(rows) / job.resources.decode.batch_size))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    for spec in stage_specs(job):
+        res = spec.resources
+        num_gpus = res.num_gpus if res.num_gpus is not None else (1 if has_gpus else 0)
+        ds = ds.map_batches(
+            spec.cls,
+            fn_constructor_kwargs=spec.kwargs,
+            batch_size=res.batch_size,
+            compute=ActorPoolStrategy(size=res.pool_size),
+            num_cpus=res.num_cpus,
+            num_gpus=num_gpus,
+        )
+    for video_row in ds.iter_rows():
+        on_video(video_row)

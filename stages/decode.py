@@ -1,0 +1,344 @@
+"""Decode stage: a handful of exact frames from (long) videos, two interchangeable backends.
+
+`read_frames(path, ...)` returns `Frames` (uint8 RGB [T, H, W, 3], frame indices, timestamps, metadata);
+`DecodeStage` wraps it for batches (Ray Data `map_batches` or plain calls) and turns every failure into an
+error row. The backends (`decode_pyav`, `decode_decord`) only open a file, list its frames and decode the
+frames asked for; everything else - which frames to take - is decided here by pure functions, so the
+same request gives the same frames whichever backend runs it.
+
+Semantics, shared by both backends:
+- Frame index i = the i-th frame in presentation order (frames sorted by pts, i.e. the order a player
+  shows them and the decoder outputs them). Variable frame rate does not change this: indices count
+  frames, timestamps come from each frame's pts.
+- Frame count and timestamps come from the frame table that `decode_pyav` builds without decoding (the
+  container's sample index, or a demux-only scan of the packets; see that module). `stream.frames` in
+  the header is not trusted (0 for mkv/webm, wrong for some files). A timestamp is the frame's pts in
+  seconds counted from the first frame's pts, so the first frame is at 0.0.
+- Window (`start`/`end` seconds, default the whole video): the frames shown at some moment of
+  [start, end), i.e. from the frame on screen at `start` to the last frame that starts before `end`.
+  `start` at or past the end of the video, or `end` past it, is an error (a clip the video does not
+  contain is a bad request, not something to clamp silently).
+- `uniform`: n frames at round(linspace(first, last, n)) over the window (rounded half up; Video-LLaVA's
+  reference code truncates instead, which can differ by one frame). Short-video policy: the output
+  always has exactly n frames; a window with fewer than n frames repeats frames (the linspace rounding
+  maps several positions to one frame), because Video-LLaVA needs a fixed frame count. Repeated frames
+  are decoded once.
+- `fps`: the frame on screen at start, start + 1/fps, ... (before end); more than `max_frames` such
+  times are thinned evenly (the same rounded linspace over the candidates). A rate above the video's
+  repeats frames, like `uniform` does.
+- `indices`: exactly those frame indices, in the order given (repeats allowed).
+- `size`: the shortest side is scaled to `size` (up or down), aspect kept, inside the decoder's filter
+  graph, so full-size frames never leave the backend. Rotation metadata is applied first, so frames are
+  upright and `meta.width/height` are the upright size before resizing.
+- Bit-identical backends: both convert with FFmpeg's `scale` filter (bilinear) to rgb24 after the
+  rotation transposes, so for 8-bit sources frames are identical at any size. The one known exception:
+  high-bit-depth sources (e.g. yuv420p10le) at native size, where decord's FFmpeg 4.1 and PyAV's newer
+  FFmpeg take different unscaled conversion paths (mean difference about 1 level); resized, they match.
+- `recover=True`: frames that cannot be decoded (corrupt or missing data) are left out instead of
+  failing the whole request; `Frames.dropped` lists them. It is an error only if nothing decodes.
+
+Backend contract (see BACKENDS): a reader class `(path, *, size, threads, recover)` used as a context
+manager, with `timestamps` (float64 [N]), `duration`, `meta` and
+`read(unique ascending indices) -> (uint8 [U, H, W, 3], decoded bool [U])`. A reader is opened per
+call and used by one thread only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+BACKENDS = {"pyav": "stages.decode_pyav:PyAVReader", "decord": "stages.decode_decord:DecordReader"}
+DEFAULT_BACKEND = "pyav"  # faster for sparse requests on long videos: see bench/results/decode.json
+STRATEGIES = ("uniform", "fps", "indices")
+
+
+class DecodeError(Exception):
+    """A video could not be decoded as requested; the message names the file and the cause."""
+
+    def __init__(self, path: str | os.PathLike, cause: str):
+        super().__init__(f"{os.fspath(path)}: {cause}")
+        self.path = os.fspath(path)
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class VideoMeta:
+    """What the source says about itself (before any resize)."""
+
+    path: str
+    duration: float  # seconds, from the first frame's start to the last frame's end
+    fps: float  # average frame rate
+    num_frames: int  # frames in the frame table
+    width: int  # upright width (rotation applied)
+    height: int
+    codec: str
+    pix_fmt: str
+    rotation: int  # degrees counter-clockwise the stored pictures are turned for display: 0/90/180/270
+    variable_frame_rate: bool
+    container: str
+
+
+@dataclass
+class Frames:
+    frames: np.ndarray  # uint8 [T, H, W, 3] RGB
+    indices: np.ndarray  # int64 [T] frame index of each output frame
+    timestamps: np.ndarray  # float64 [T] seconds
+    meta: VideoMeta
+    dropped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # only with recover=True
+
+
+# ---------------------------------------------------------------- pure sampling logic (both backends)
+
+
+def rounded_linspace(first: float, last: float, n: int) -> np.ndarray:
+    """round(linspace(first, last, n)), halves rounded up: the positions of an even spread of n."""
+    return np.floor(np.linspace(first, last, n) + 0.5).astype(np.int64)
+
+
+def frame_window(
+    timestamps: np.ndarray, duration: float, start: float | None, end: float | None
+) -> tuple[int, int]:
+    """First and last (inclusive) frame index shown during [start, end) seconds."""
+    start = 0.0 if start is None else float(start)
+    end = duration if end is None else float(end)
+    eps = 1e-6
+    if start >= duration - eps:
+        raise ValueError(f"start={start:g} s is at or past the end of the video (duration {duration:.3f} s)")
+    if end > duration + eps:
+        raise ValueError(f"end={end:g} s is past the end of the video (duration {duration:.3f} s)")
+    first = max(0, int(np.searchsorted(timestamps, start + eps, side="right")) - 1)
+    last = int(np.searchsorted(timestamps, end - eps, side="left")) - 1
+    return first, max(first, last)
+
+
+def fps_times(start: float, end: float, fps: float, max_frames: int) -> np.ndarray:
+    """Sampling times start, start + 1/fps, ... before end, thinned evenly to at most max_frames."""
+    count = max(1, math.ceil((end - start) * fps - 1e-9))
+    times = start + np.arange(count) / fps
+    if count > max_frames:
+        times = times[rounded_linspace(0, count - 1, max_frames)]
+    return times
+
+
+def sample_indices(
+    timestamps: np.ndarray,
+    duration: float,
+    strategy: str = "uniform",
+    num_frames: int = 8,
+    start: float | None = None,
+    end: float | None = None,
+    fps: float | None = None,
+    max_frames: int = 64,
+    indices: Sequence[int] | np.ndarray | None = None,
+) -> np.ndarray:
+    """The frame indices a request asks for, given the video's frame timestamps (see module docstring).
+
+    Raises ValueError when the request does not fit this video (window or indices outside it).
+    """
+    n = len(timestamps)
+    if strategy == "indices":
+        wanted = np.asarray(indices, dtype=np.int64)
+        outside = wanted[(wanted < 0) | (wanted >= n)]
+        if outside.size:
+            raise ValueError(f"frame indices {outside.tolist()[:5]} outside 0..{n - 1} ({n} frames)")
+        return wanted
+    first, last = frame_window(timestamps, duration, start, end)
+    if strategy == "uniform":
+        return rounded_linspace(first, last, num_frames)
+    window_start = float(timestamps[first]) if start is None else float(start)
+    window_end = duration if end is None else float(end)
+    times = fps_times(window_start, window_end, fps, max_frames)
+    picked = np.searchsorted(timestamps, times + 1e-6, side="right") - 1
+    return np.clip(picked, first, last).astype(np.int64)
+
+
+def resized_shape(width: int, height: int, size: int | None) -> tuple[int, int]:
+    """(width, height) with the shortest side scaled to `size`, aspect kept (rounded half up)."""
+    if size is None:
+        return width, height
+    short = min(width, height)
+    scale = size / short
+    if width <= height:
+        return size, max(1, int(height * scale + 0.5))
+    return max(1, int(width * scale + 0.5)), size
+
+
+def check_request(
+    strategy: str,
+    num_frames: int,
+    start: float | None,
+    end: float | None,
+    fps: float | None,
+    max_frames: int,
+    indices: Sequence[int] | np.ndarray | None,
+    size: int | None,
+    backend: str,
+) -> None:
+    """Reject requests that are wrong whatever the video (ValueError), before any file is opened."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown decode backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown sampling strategy {strategy!r}; choose one of {STRATEGIES}")
+    if strategy == "uniform" and num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if strategy == "fps" and (fps is None or not fps > 0):
+        raise ValueError(f"strategy 'fps' needs fps > 0, got fps={fps}")
+    if strategy == "fps" and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if strategy == "indices":
+        if indices is None or len(indices) == 0:
+            raise ValueError("strategy 'indices' needs a non-empty `indices`")
+        if start is not None or end is not None:
+            raise ValueError("start/end do not apply to strategy 'indices' (indices are absolute)")
+    elif indices is not None:
+        raise ValueError(f"`indices` given with strategy {strategy!r}; use strategy='indices'")
+    if start is not None and start < 0:
+        raise ValueError(f"start must be >= 0 seconds, got {start}")
+    if start is not None and end is not None and end <= start:
+        raise ValueError(f"end ({end}) must be after start ({start})")
+    if size is not None and size < 1:
+        raise ValueError(f"size must be >= 1 pixel, got {size}")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _reader_class(backend: str) -> type:
+    module, name = BACKENDS[backend].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def read_frames(
+    path: str | os.PathLike,
+    num_frames: int = 8,
+    strategy: str = "uniform",
+    backend: str = DEFAULT_BACKEND,
+    start: float | None = None,
+    end: float | None = None,
+    fps: float | None = None,
+    max_frames: int = 64,
+    indices: Sequence[int] | np.ndarray | None = None,
+    size: int | None = None,
+    recover: bool = False,
+    threads: int = 0,
+) -> Frames:
+    """Decode the frames a request asks for from one video file (semantics: module docstring).
+
+    Raises ValueError for a request that is wrong whatever the video, DecodeError (naming the file) for
+    everything about this file: missing, unreadable, no video stream, window outside it, corrupt data.
+    `threads` = decoder threads (0 = FFmpeg's choice; 1 inside single-CPU workers).
+    """
+    check_request(strategy, num_frames, start, end, fps, max_frames, indices, size, backend)
+    path = os.fspath(path)
+    if not Path(path).is_file():
+        raise DecodeError(path, "no such file" if not Path(path).exists() else "not a regular file")
+    with _reader_class(backend)(path, size=size, threads=threads, recover=recover) as reader:
+        try:
+            wanted = sample_indices(
+                reader.timestamps, reader.duration, strategy, num_frames, start, end, fps, max_frames, indices
+            )
+        except ValueError as e:
+            raise DecodeError(path, str(e)) from None
+        unique = np.unique(wanted)
+        frames, decoded = reader.read(unique)
+        meta = reader.meta
+    slot = np.searchsorted(unique, wanted)
+    keep = decoded[slot]
+    if not keep.any():
+        raise DecodeError(path, f"none of the {len(wanted)} requested frames could be decoded")
+    slot = slot[keep]
+    if len(slot) != len(frames) or (slot != np.arange(len(frames))).any():
+        frames = frames[slot]  # repeats, order or dropped frames: one gather; otherwise no copy at all
+    kept = wanted[keep]
+    return Frames(
+        frames=frames,
+        indices=kept,
+        timestamps=reader.timestamps[kept].astype(np.float64),
+        meta=meta,
+        dropped=np.unique(wanted[~keep]),
+    )
+
+
+# ---------------------------------------------------------------- stage
+
+
+def _optional_seconds(column: object, row: int) -> float | None:
+    """A start/end cell: None, NaN (a null from Arrow/pandas) and missing columns mean 'not given'."""
+    if column is None:
+        return None
+    value = column[row]
+    if value is None or (isinstance(value, float | np.floating) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+class DecodeStage:
+    """Batch stage: column `video` (paths) and optional `start`/`end` seconds -> frames per row.
+
+    Adds columns `frames` (uint8 [T, H, W, 3]), `frame_indices` (int64 [T]), `timestamps` (float64 [T]),
+    `decode_seconds` (float64) and `error` (None or a message naming the file). A bad video becomes an
+    error row with empty arrays (T = 0; empty rather than None so Ray Data can still store the column as
+    a tensor column); it never raises out of the stage.
+    Each call opens and releases its own readers, so one instance may serve one thread at a time and
+    nothing is shared between threads (decord aborts when a reader is shared).
+    """
+
+    def __init__(
+        self,
+        num_frames: int = 8,
+        strategy: str = "uniform",
+        backend: str = DEFAULT_BACKEND,
+        fps: float | None = None,
+        max_frames: int = 64,
+        size: int | None = None,
+        recover: bool = False,
+        threads: int = 0,
+    ):
+        if strategy == "indices":
+            raise ValueError("DecodeStage samples per video; strategy 'indices' is for read_frames only")
+        check_request(strategy, num_frames, None, None, fps, max_frames, None, size, backend)
+        self.options = dict(
+            num_frames=num_frames,
+            strategy=strategy,
+            backend=backend,
+            fps=fps,
+            max_frames=max_frames,
+            size=size,
+            recover=recover,
+            threads=threads,
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray | list]) -> dict:
+        videos = list(batch["video"])
+        starts, ends = batch.get("start"), batch.get("end")
+        out: dict[str, list] = {"frames": [], "frame_indices": [], "timestamps": [], "error": []}
+        seconds = np.zeros(len(videos), dtype=np.float64)
+        for row, video in enumerate(videos):
+            t0 = time.perf_counter()
+            try:
+                got = read_frames(
+                    str(video),
+                    start=_optional_seconds(starts, row),
+                    end=_optional_seconds(ends, row),
+                    **self.options,
+                )
+                out["frames"].append(got.frames)
+                out["frame_indices"].append(got.indices)
+                out["timestamps"].append(got.timestamps)
+                out["error"].append(None)
+            except Exception as e:  # noqa: BLE001 - any failure of one video becomes its error row
+                message = str(e) if isinstance(e, DecodeError) else f"{video}: {type(e).__name__}: {e}"
+                out["frames"].append(np.empty((0, 0, 0, 3), np.uint8))
+                out["frame_indices"].append(np.empty(0, np.int64))
+                out["timestamps"].append(np.empty(0, np.float64))
+                out["error"].append(message)
+            seconds[row] = time.perf_counter() - t0
+        return {**batch, **out, "decode_seconds": seconds}
