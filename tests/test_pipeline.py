@@ -187,7 +187,8 @@ def test_external_two_node_cluster(data, tmp_path):
     ray = str(Path(PYTHON).parent / "ray")
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # a loopback test cluster
+    # a loopback test cluster: no token authentication between its nodes
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     common = ["--disable-usage-stats", "--num-gpus=0"]
     try:
         subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",

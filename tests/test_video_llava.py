@@ -363,7 +363,8 @@ def test_a_failed_encode_costs_only_the_failing_video(tiny):
         return batched(videos)
 
     encoder.encode = fails_on_tall_frames
-    out = encoder({"frames": [make_video(2, seed=1), make_video(2, seed=2, height=200), make_video(2, seed=3)]})
+    videos = [make_video(2, seed=1), make_video(2, seed=2, height=200), make_video(2, seed=3)]
+    out = encoder({"frames": videos})
     assert out["error"] == [None, "encode: RuntimeError: CUDA out of memory", None]
     assert [e.shape for e in out["visual_embeds"]] == [(34, 64), (0, 64), (34, 64)]
     assert out["visual_tokens_kept"] == [34, None, 34]
