@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench
+.PHONY: venv test lint demo
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,3 +23,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+# The demo batch job: tiny model, generated videos (one broken), the whole Ray pipeline, VisionZip on.
+demo: $(STAMP)
+	$(PY) run.py +experiment=demo

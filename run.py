@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -18,9 +19,19 @@ register()
 def main(cfg: DictConfig) -> dict:
     job = to_job_config(cfg)
     summary = run_job(job)
+    if job.demo.enabled:
+        print_rows(summary["output"], limit=8)
     logging.getLogger("vzpipe").info("summary:\n%s", json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
     return summary
+
+
+def print_rows(output: str, limit: int) -> None:
+    """A few result rows, for a first look at what a job wrote."""
+    lines = Path(output).read_text().splitlines() if output.endswith(".jsonl") else []
+    for row in map(json.loads, lines[:limit]):
+        result = f"ERROR {row['error']}" if row["error"] else repr(row["prediction"])
+        print(f"{row['id']:>12}  {row['visual_tokens_kept']} of {row['visual_tokens_full']} visual tokens  "
+              f"{row['question']!r} -> {result}")
 
 
 if __name__ == "__main__":

@@ -64,15 +64,6 @@ def video_path(width: int, height: int, seconds: int) -> Path:
 # ---------------------------------------------------------------- child: one measurement
 
 
-def _status_mb(field: str) -> float:
-    """VmRSS / VmHWM of this process in MiB. Not ru_maxrss: that survives exec, so a child would start
-    with the peak of the parent it was forked from (which imported torch)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
 def _child(spec: dict) -> dict:
     """Run one case in this fresh process; report its decode seconds and peak RSS."""
     import av
@@ -81,11 +72,11 @@ def _child(spec: dict) -> dict:
 
     import stages.decode_decord  # noqa: F401
     import stages.decode_pyav  # noqa: F401
+    from bench.common import reset_peak_rss, status_mb
     from stages.decode import read_frames, rounded_linspace
 
     path, case = spec["video"], spec["case"]
-    rss_before = _status_mb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    rss_before = reset_peak_rss()
     t0 = time.perf_counter()
     if case == "full":
         with av.open(path) as container:
@@ -100,7 +91,7 @@ def _child(spec: dict) -> dict:
         backend, n = case.split("_")
         frames = read_frames(path, int(n), backend=backend).frames
     seconds = time.perf_counter() - t0
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     return {"seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": rss_before, "frames": len(frames)}
 
 

@@ -46,7 +46,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaModel  # noqa: E402
 
-from bench.common import CACHE_DIR, goal, interleaved_medians, print_table, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    CACHE_DIR,
+    goal,
+    interleaved_medians,
+    print_table,
+    reset_peak_rss,
+    status_mb,
+    write_result,
+)
 from stages.answer import AnswerStage  # noqa: E402
 from stages.encode import EncodeStage  # noqa: E402
 from stages.model import build_tiny_video_llava, load_video_llava  # noqa: E402
@@ -152,22 +160,14 @@ def tower_seconds(repeats: int) -> dict[str, float]:
         return interleaved_medians(cases, repeats=repeats)
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure_memory(tokens: int, layers: int) -> dict:
     """One prefill of `tokens` in this (fresh) process; the peak is reset after building the layers."""
     model, embeds = llama_layers(layers), prompt(tokens)
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
-    loaded = _status_mb("VmRSS")
+    loaded = reset_peak_rss()
     with torch.inference_mode():
         model(inputs_embeds=embeds, use_cache=True)
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     return {"peak_rss_mb": round(peak, 1), "added_mb": round(peak - loaded, 1)}
 
 

@@ -32,7 +32,14 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `visionzip` imp
 import torch  # noqa: E402
 from transformers import CLIPVisionConfig, CLIPVisionModel  # noqa: E402
 
-from bench.common import goal, interleaved_medians, print_table, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    goal,
+    interleaved_medians,
+    print_table,
+    reset_peak_rss,
+    status_mb,
+    write_result,
+)
 from visionzip import zip_clip, zip_tokens  # noqa: E402
 
 VIT_L14 = dict(
@@ -86,23 +93,15 @@ def pixel_values() -> torch.Tensor:
     return torch.randn(FRAMES, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure_memory(name: str) -> dict:
     """Run one case once in this (fresh) process; peak RSS is reset after loading, so only the case counts."""
     tower = build("eager" if name == "official" else "sdpa")
     case, pixels = make_case(name, tower), pixel_values()
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
-    loaded = _status_mb("VmRSS")
+    loaded = reset_peak_rss()
     with torch.inference_mode():
         case(pixels)
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     return {"peak_rss_mb": round(peak, 1), "added_mb": round(peak - loaded, 1)}
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -34,9 +33,20 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status_mb(field: str) -> float:
+    """`VmRSS` (now) or `VmHWM` (peak) of this process in MiB (Linux). Not ru_maxrss: that survives exec,
+    so a child process would start with the peak of the parent it was forked from."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> float:
+    """Reset this process's peak RSS (VmHWM) to its current RSS, which is returned (MiB), so that a case
+    measured next in a fresh process counts only what it adds."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_mb("VmRSS")
 
 
 def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict:
@@ -57,7 +67,7 @@ def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, wa
 
 
 def goal(value: float, op: str, target: float) -> dict:
-    met = value >= target if op == ">=" else value <= target
+    met = {">=": value >= target, ">": value > target, "<=": value <= target, "<": value < target}[op]
     return {"op": op, "target": target, "value": round(value, 4), "met": bool(met)}
 
 

@@ -42,9 +42,9 @@ def update(readme: Path = ROOT / "README.md") -> list[str]:
     for path in sorted(RESULTS.glob("*.json")):
         result = json.loads(path.read_text())
         name = result["bench"]
-        pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
         if pattern.search(text):
-            text = pattern.sub(lambda m, r=result: m.group(1) + markdown(r) + m.group(2), text)
+            text = pattern.sub(lambda m, r=result: m.group(1) + markdown(r) + "\n" + m.group(2), text)
             done.append(name)
     readme.write_text(text)
     return done

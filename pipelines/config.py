@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from visionzip.video_llava import COMPRESSION_METHODS
+
 TOKENS_PER_FRAME = 257  # CLIP ViT-L/14 at 224 px: 16 x 16 patches + CLS, as in Video-LLaVA
 
 
@@ -128,7 +130,7 @@ class JobConfig:
 
 CHOICES = {
     "runner": ("ray", "local"),
-    "compression.method": ("none", "visionzip"),
+    "compression.method": COMPRESSION_METHODS,
     "decode.backend": ("pyav", "decord"),
     "decode.strategy": ("uniform", "fps"),
     "model.dtype": ("bfloat16", "float16", "float32"),
@@ -157,7 +159,7 @@ def validate(job: JobConfig) -> None:
         if value not in allowed:
             problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
     c = job.compression
-    if c.method == "visionzip":
+    if c.method != "none":  # visionzip, and the baselines that keep the same dominant + contextual tokens
         if c.dominant < 1:
             problems.append(f"compression.dominant={c.dominant} must be >= 1 (it counts the CLS token)")
         if c.contextual < 0:
@@ -167,8 +169,15 @@ def validate(job: JobConfig) -> None:
                 f"compression.dominant + compression.contextual = {c.dominant} + {c.contextual} = "
                 f"{c.dominant + c.contextual} exceeds the {TOKENS_PER_FRAME} tokens of a frame"
             )
-    if c.temporal.max_tokens is not None and c.temporal.max_tokens < 1:
-        problems.append(f"compression.temporal.max_tokens={c.temporal.max_tokens} must be >= 1")
+    if c.temporal.enabled and c.temporal.max_tokens is not None and job.decode.strategy == "uniform":
+        per_frame = c.dominant + c.contextual if c.method != "none" else TOKENS_PER_FRAME
+        floor = per_frame + job.decode.num_frames - 1  # frame 0 whole + every later frame's CLS
+        if c.temporal.max_tokens < floor:
+            problems.append(
+                f"compression.temporal.max_tokens={c.temporal.max_tokens} is below {floor}: temporal "
+                f"merging keeps frame 0's {per_frame} tokens and the CLS of each of the other "
+                f"{job.decode.num_frames - 1} frames"
+            )
     d = job.decode
     if d.num_frames < 1:
         problems.append(f"decode.num_frames={d.num_frames} must be >= 1")

@@ -80,9 +80,10 @@ def ray_session(job: JobConfig) -> Iterator[None]:
             object_store_memory=cfg.object_store_memory,
             include_dashboard=False,
             log_to_driver=False,
+            logging_level=logging.WARNING,
         )
     else:
-        ray.init(address=cfg.address, log_to_driver=False)
+        ray.init(address=cfg.address, log_to_driver=False, logging_level=logging.WARNING)
     try:
         yield
     finally:

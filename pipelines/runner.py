@@ -113,6 +113,12 @@ def _plain(value: Any) -> Any:
     return None if is_missing(value) else value
 
 
+def batches_of(rows: list[dict], size: int) -> list[dict[str, list]]:
+    """Rows -> column batches of at most `size` rows, the shape a stage takes."""
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    return [{key: [row[key] for row in chunk] for key in chunk[0]} for chunk in chunks]
+
+
 def run_local(job: JobConfig, rows: list[dict], on_video: Callable[[dict], None]) -> None:
     """The stages in this process, one batch of videos after another; the model is loaded once and
     shared by encode and answer."""
@@ -122,9 +128,7 @@ def run_local(job: JobConfig, rows: list[dict], on_video: Callable[[dict], None]
     skip = ("model", "dtype", "device")
     encode = EncodeStage(model, **{k: v for k, v in encode_spec.kwargs.items() if k not in skip})
     answer = AnswerStage(model, tokenizer, **{k: v for k, v in answer_spec.kwargs.items() if k not in skip})
-    size = decode_spec.resources.batch_size
-    for start in range(0, len(rows), size):
-        batch = {key: [row[key] for row in rows[start : start + size]] for key in rows[0]}
+    for batch in batches_of(rows, decode_spec.resources.batch_size):
         out = answer(encode(decode(batch)))
         for i in range(len(out["video"])):
             on_video({key: values[i] for key, values in out.items()})

@@ -7,6 +7,7 @@ projector call. Each video comes out with its own length M, ready for `stages.an
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -20,7 +21,8 @@ from stages.batch import errors_of
 from stages.model import DEFAULT_MODEL, load_video_llava
 from stages.preprocess import ClipPreprocess, check_frames
 from visionzip import merge_frames
-from visionzip.video_llava import Compression, frame_features, project, tokens_per_frame
+from visionzip.baselines import pool_grid
+from visionzip.video_llava import COMPRESSION_METHODS, Compression, frame_features, project, tokens_per_frame
 
 
 @dataclass
@@ -62,15 +64,18 @@ class EncodeStage:
         self.model = model
         self.preprocess = ClipPreprocess.from_pretrained(model.name_or_path)
         self.full_per_frame = tokens_per_frame(model)
-        if compression not in ("none", "visionzip"):
-            raise ValueError(f"compression must be 'none' or 'visionzip', got {compression!r}")
-        if compression == "visionzip" and (dominant < 1 or contextual < 0):
+        if compression not in COMPRESSION_METHODS:
+            methods = ", ".join(COMPRESSION_METHODS)
+            raise ValueError(f"compression must be one of {methods}, got {compression!r}")
+        if compression != "none" and (dominant < 1 or contextual < 0):
             raise ValueError(f"need dominant >= 1 and contextual >= 0, got {dominant} and {contextual}")
-        if compression == "visionzip" and dominant + contextual > self.full_per_frame:
+        if compression != "none" and dominant + contextual > self.full_per_frame:
             raise ValueError(
                 f"dominant + contextual = {dominant + contextual} exceeds the {self.full_per_frame} tokens "
                 "of a frame"
             )
+        if compression == "pool":  # the pooled grid must fit the patch grid: fail here, not per batch
+            pool_grid(dominant + contextual - 1, math.isqrt(self.full_per_frame - 1))
         if frame_batch_size < 1:
             raise ValueError(f"frame_batch_size must be >= 1, got {frame_batch_size}")
         self.compression = compression

@@ -83,6 +83,9 @@ def test_config_rejects_bad_keys_types_and_values():
         compose_job("compression.colour=1")
     with pytest.raises(Exception, match="dominant"):
         compose_job("compression.dominant=many")
+    with pytest.raises(ValueError, match="max_tokens=20 is below 24"):
+        compose_job("compression=visionzip_temporal", "compression.temporal.max_tokens=20")
+    assert compose_job("compression=visionzip_temporal", "compression.temporal.max_tokens=24")
     with pytest.raises(ValueError) as err:
         compose_job("compression.dominant=250", "compression.contextual=10", "decode.num_frames=0",
                     "decode.backend=opencv")

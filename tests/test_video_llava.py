@@ -308,7 +308,7 @@ def test_encode_rejects_bad_frames(tiny, frames, problem):
 
 def test_stages_reject_bad_settings_and_inputs(tiny):
     model, tokenizer = tiny
-    with pytest.raises(ValueError, match="compression must be 'none' or 'visionzip', got 'tome'"):
+    with pytest.raises(ValueError, match="compression must be one of none, visionzip, random, pool, got 'to"):
         EncodeStage(model, compression="tome")
     with pytest.raises(ValueError, match="dominant \\+ contextual = 300 exceeds the 257 tokens"):
         EncodeStage(model, dominant=290, contextual=10)

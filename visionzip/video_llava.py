@@ -14,9 +14,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .clip import zip_clip
+from .baselines import pool_tokens, random_tokens
+from .clip import clip_selection_layer_outputs, zip_clip
 
-Compression = Literal["none", "visionzip"]
+Compression = Literal["none", "visionzip", "random", "pool"]
+COMPRESSION_METHODS: tuple[str, ...] = ("none", "visionzip", "random", "pool")
 
 
 def feature_layer(model: nn.Module) -> int:
@@ -39,13 +41,16 @@ def frame_features(
     compression: Compression = "none",
     dominant: int = 14,
     contextual: int = 3,
+    seed: int = 0,
 ) -> torch.Tensor:
     """Visual tokens of each frame before the projector: [F, K, vision_hidden].
 
     model: a `VideoLlavaForConditionalGeneration`; pixel_values [F, 3, H, W] (frames of any videos).
     `none` is HF's path exactly (K = 257, CLS first). `visionzip` keeps `dominant` (CLS included) +
     `contextual` tokens per frame (K = dominant + contextual), selected at the same layer, and skips the
-    tower's layers after it.
+    tower's layers after it. The baselines keep the same K = dominant + contextual from the same layer:
+    `random` (CLS + random patches, seeded with `seed`) and `pool` (CLS + average-pooled patch grid), see
+    `visionzip.baselines`.
     """
     tower = model.model.video_tower
     layer = feature_layer(model)
@@ -54,7 +59,11 @@ def frame_features(
         return tower(pixel_values, output_hidden_states=layer).hidden_states[layer]
     if compression == "visionzip":
         return zip_clip(tower, pixel_values, dominant=dominant, contextual=contextual, layer=layer).tokens
-    raise ValueError(f"compression must be 'none' or 'visionzip', got {compression!r}")
+    if compression in ("random", "pool"):
+        features = clip_selection_layer_outputs(tower, pixel_values, layer)[0]
+        keep = dominant + contextual
+        return random_tokens(features, keep, seed) if compression == "random" else pool_tokens(features, keep)
+    raise ValueError(f"compression must be one of {', '.join(COMPRESSION_METHODS)}, got {compression!r}")
 
 
 def project(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,122 @@
+"""Accuracy of a job's predictions against ground truth, per question type and overall.
+
+Works on any output file the job writes (JSONL or Parquet) whose rows have `answer`: the synthetic
+benchmark of `pipelines.synth` today, real short-answer datasets later. A prediction is right when it
+equals the answer after normalisation (lowercase, punctuation and the articles a/an/the removed,
+whitespace collapsed), so "The Red." matches "red". Rows without an answer are not scored; rows with an
+`error` count as wrong (a compression setting that breaks videos must not look better for it).
+
+The question type is the row's `type` column when there is one, else the part of its id after the last
+`-` (synthetic ids are `"<clip>-<type>"`), else `all`.
+
+    python -m pipelines.evaluate OUTPUT [--json PATH]     # prints the table, writes OUTPUT.eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import string
+from collections.abc import Iterable
+from pathlib import Path
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalize(text: object) -> str:
+    """Lowercase, punctuation removed, articles dropped, whitespace collapsed; None -> ''."""
+    if text is None:
+        return ""
+    words = _PUNCTUATION.sub(" ", str(text).lower()).split()
+    return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def question_type(row: dict) -> str:
+    if row.get("type"):
+        return str(row["type"])
+    qid = str(row.get("id", ""))
+    return qid.rsplit("-", 1)[1] if "-" in qid else "all"
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a JSONL or Parquet output file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"output file {path}: no such file")
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+def evaluate(rows: Iterable[dict]) -> dict:
+    """{"overall": {...}, "types": {type: {...}}, "unscored": n} with n/correct/accuracy/errors per
+    group (types sorted), plus the mean visual tokens kept and answer seconds of the scored rows."""
+    groups: dict[str, dict] = {}
+    unscored = 0
+    tokens, seconds = [], []
+    for row in rows:
+        if row.get("answer") is None or normalize(row["answer"]) == "":
+            unscored += 1
+            continue
+        failed = bool(row.get("error"))
+        right = not failed and normalize(row.get("prediction")) == normalize(row["answer"])
+        for key in (question_type(row), "__overall__"):
+            group = groups.setdefault(key, {"n": 0, "correct": 0, "errors": 0})
+            group["n"] += 1
+            group["correct"] += right
+            group["errors"] += failed
+        if row.get("visual_tokens_kept") is not None:
+            tokens.append(row["visual_tokens_kept"])
+        if row.get("answer_seconds") is not None:
+            seconds.append(row["answer_seconds"])
+    for group in groups.values():
+        group["accuracy"] = group["correct"] / group["n"]
+    overall = groups.pop("__overall__", {"n": 0, "correct": 0, "errors": 0, "accuracy": None})
+    return {
+        "overall": overall,
+        "types": dict(sorted(groups.items())),
+        "unscored": unscored,
+        "visual_tokens_kept_mean": sum(tokens) / len(tokens) if tokens else None,
+        "answer_seconds_mean": sum(seconds) / len(seconds) if seconds else None,
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'type':<12}{'n':>7}{'correct':>9}{'errors':>8}{'accuracy':>10}"]
+    for name, g in [*result["types"].items(), ("overall", result["overall"])]:
+        acc = "-" if g["accuracy"] is None else f"{100 * g['accuracy']:.1f}%"
+        lines.append(f"{name:<12}{g['n']:>7}{g['correct']:>9}{g['errors']:>8}{acc:>10}")
+    if result["unscored"]:
+        lines.append(f"({result['unscored']} rows without an answer not scored)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Accuracy per question type of a job's output file.")
+    parser.add_argument("output", help="the job's output (.jsonl or .parquet) with `answer` per row")
+    parser.add_argument("--json", default=None, help="where to write the result (default OUTPUT.eval.json)")
+    args = parser.parse_args(argv)
+    result = evaluate(read_rows(args.output))
+    if result["overall"]["n"] == 0:
+        raise SystemExit(f"{args.output}: no row has an answer to score")
+    result["source"] = str(args.output)
+    target = Path(args.json or f"{args.output}.eval.json")
+    target.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+    print(f"written {target}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

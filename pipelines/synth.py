@@ -1,0 +1,294 @@
+"""Synthetic video QA whose answers live in a few patches: the instrument for answer quality here.
+
+Real checkpoints cannot be loaded on every machine, so nothing else tells whether token compression
+keeps answers right. Each clip is 8 frames of a static textured background with 1-3 small objects (a
+shape in a colour, about 2 x 2 patches of a 112 px / patch 14 frame) that each move in a straight line.
+Every question has a one-word answer that only the object patches hold:
+
+- `color`:     "What color is the circle?"                    -> red
+- `shape`:     "What shape is the red object?"                -> circle
+- `count`:     "How many objects are there?"                  -> two
+- `direction`: "Which way does the red object move?"          -> left   (needs two frames)
+- `half`:      "Is the circle in the top or bottom half?"     -> top    (localised: where, not what)
+
+Shapes and colours are distinct within a clip, so every question names exactly one object. An object
+stays inside its half of the frame for the whole clip, so `half` has one answer.
+
+Everything is seeded: clip `i` of seed `s` is the same on every machine (numpy's PCG64 per clip). The
+in-memory path (`make_clip`, `training_samples`) feeds training; `write_dataset` writes real mp4 files
+and a manifest (`id = "<clip>-<k>-<type>"`, so `pipelines.evaluate` can score per type) for held-out
+sets that go through the whole pipeline, decoding included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 235), "yellow": (235, 215, 40)}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+HALVES = ("top", "bottom")
+COUNTS = ("one", "two", "three")
+QUESTION_TYPES = ("color", "shape", "count", "direction", "half")
+# Held-out sets: (seed, clips); 5 questions per clip. Training seeds start at 0 and stay far below these.
+HELDOUT = {"val500": (1_000_500, 100), "test2000": (1_002_000, 400)}
+FRAME_SIZE = 112
+NUM_FRAMES = 8
+SPEED = 4  # pixels per frame: 28 px (2 patches) over 8 frames
+
+
+@dataclass(frozen=True)
+class SynthObject:
+    """One object: a shape in a colour, `size` px across, centre (x, y) at frame 0, moving `SPEED` px
+    per frame in `direction`."""
+
+    shape: str
+    color: str
+    size: int
+    x: float
+    y: float
+    direction: str
+
+    def center(self, t: int) -> tuple[float, float]:
+        dx, dy = DIRECTIONS[self.direction]
+        return self.x + dx * SPEED * t, self.y + dy * SPEED * t
+
+    @property
+    def half(self) -> str:
+        return "top" if self.y < FRAME_SIZE / 2 else "bottom"
+
+
+@dataclass
+class SynthClip:
+    """Frames uint8 [T, H, W, 3] and the objects drawn; `owner` [T, H, W] int8 says which object (index
+    into `objects`, -1 = background) each pixel shows."""
+
+    frames: np.ndarray
+    owner: np.ndarray
+    objects: list[SynthObject]
+
+
+@dataclass(frozen=True)
+class SynthQuestion:
+    type: str
+    question: str
+    answer: str
+
+
+def clip_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator of clip `index` of the set `seed`: clips are independent of how many came before."""
+    return np.random.default_rng([seed, index])
+
+
+def make_clip(rng: np.random.Generator, size: int = FRAME_SIZE, num_frames: int = NUM_FRAMES) -> SynthClip:
+    """Draw a clip: textured background, 1-3 objects with distinct shapes and colours, no overlaps."""
+    if size < 64 or num_frames < 2:
+        raise ValueError(f"need size >= 64 and num_frames >= 2, got size={size}, num_frames={num_frames}")
+    background = _background(rng, size)
+    for _ in range(100):
+        objects = _draw_objects(rng, size, num_frames)
+        if objects is not None:
+            break
+    else:  # pragma: no cover - 3 small objects always fit in a few tries
+        raise RuntimeError("could not place non-overlapping objects")
+    frames = np.repeat(background[None], num_frames, axis=0)
+    owner = np.full((num_frames, size, size), -1, dtype=np.int8)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    for t in range(num_frames):
+        for k, obj in enumerate(objects):
+            mask = _shape_mask(obj, t, xx, yy)
+            frames[t][mask] = COLORS[obj.color]
+            owner[t][mask] = k
+    return SynthClip(frames, owner, objects)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Static grey-brown texture: a few random plane waves plus fine noise, far from the object colours."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    tex = np.zeros((size, size), np.float32)
+    for _ in range(4):
+        angle, freq, phase = rng.uniform(0, np.pi), rng.uniform(0.05, 0.5), rng.uniform(0, 2 * np.pi)
+        tex += np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
+    tex = 115 + 12 * tex + rng.normal(0, 6, (size, size)).astype(np.float32)
+    tint = rng.uniform(-10, 10, 3).astype(np.float32)
+    return np.clip(tex[..., None] + tint, 0, 255).astype(np.uint8)
+
+
+def _draw_objects(rng: np.random.Generator, size: int, num_frames: int) -> list[SynthObject] | None:
+    count = int(rng.integers(1, 4))
+    shapes = rng.permutation(len(SHAPES))[:count]
+    colors = rng.permutation(len(COLORS))[:count]
+    travel = SPEED * (num_frames - 1)
+    objects = []
+    for shape, color in zip(shapes, colors, strict=True):
+        s = int(rng.integers(18, 25))
+        direction = list(DIRECTIONS)[int(rng.integers(4))]
+        dx, dy = DIRECTIONS[direction]
+        top = bool(rng.integers(2))
+        # the centre's whole path keeps the object inside the frame and inside its half
+        y_lo, y_hi = (s / 2, size / 2 - s / 2) if top else (size / 2 + s / 2, size - s / 2)
+        x_lo, x_hi = s / 2, size - s / 2
+        x_lo, x_hi = x_lo - min(dx, 0) * travel, x_hi - max(dx, 0) * travel
+        y_lo, y_hi = y_lo - min(dy, 0) * travel, y_hi - max(dy, 0) * travel
+        x, y = float(rng.uniform(x_lo, x_hi)), float(rng.uniform(y_lo, y_hi))
+        objects.append(SynthObject(SHAPES[shape], list(COLORS)[color], s, x, y, direction))
+    for t in range(num_frames):
+        for i, a in enumerate(objects):
+            for b in objects[i + 1 :]:
+                (ax, ay), (bx, by) = a.center(t), b.center(t)
+                gap = (a.size + b.size) / 2 + 3
+                if abs(ax - bx) < gap and abs(ay - by) < gap:
+                    return None
+    return objects
+
+
+def _shape_mask(obj: SynthObject, t: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    cx, cy = obj.center(t)
+    r = obj.size / 2
+    if obj.shape == "circle":
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    if obj.shape == "square":
+        return (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
+    # triangle pointing up: width grows linearly from the apex to the base
+    rel = (yy - (cy - r)) / obj.size
+    return (rel >= 0) & (rel <= 1) & (np.abs(xx - cx) <= rel * r)
+
+
+def ask(clip: SynthClip, qtype: str, rng: np.random.Generator) -> SynthQuestion:
+    """A question of type `qtype` about `clip` with its one-word answer."""
+    obj = clip.objects[int(rng.integers(len(clip.objects)))]
+    by_color = bool(rng.integers(2))
+    name = f"the {obj.color} object" if by_color else f"the {obj.shape}"
+    if qtype == "color":
+        return SynthQuestion(qtype, f"What color is the {obj.shape}?", obj.color)
+    if qtype == "shape":
+        return SynthQuestion(qtype, f"What shape is the {obj.color} object?", obj.shape)
+    if qtype == "count":
+        return SynthQuestion(qtype, "How many objects are there?", COUNTS[len(clip.objects) - 1])
+    if qtype == "direction":
+        return SynthQuestion(qtype, f"Which way does {name} move?", obj.direction)
+    if qtype == "half":
+        return SynthQuestion(qtype, f"Is {name} in the top or bottom half?", obj.half)
+    raise ValueError(f"question type must be one of {', '.join(QUESTION_TYPES)}, got {qtype!r}")
+
+
+@dataclass
+class TrainingSample:
+    """A clip (frames in `clip.frames`) with one question of every type, in `QUESTION_TYPES` order."""
+
+    clip: SynthClip
+    questions: list[SynthQuestion]
+
+
+def synth_sample(seed: int, index: int) -> TrainingSample:
+    """Clip `index` of the set `seed` and its questions: the same draws `write_dataset` makes."""
+    rng = clip_rng(seed, index)
+    clip = make_clip(rng)
+    return TrainingSample(clip, [ask(clip, qtype, rng) for qtype in QUESTION_TYPES])
+
+
+def training_samples(seed: int, start: int = 0) -> Iterator[TrainingSample]:
+    """Endless in-memory samples: clip `start`, `start + 1`, ... of `seed`."""
+    index = start
+    while True:
+        yield synth_sample(seed, index)
+        index += 1
+
+
+def frame_labels(clip: SynthClip, patch: int = 14) -> dict[str, np.ndarray]:
+    """Per-frame attribute targets for pretraining the tower's CLS, and per-patch targets.
+
+    `count` [T] (0..2 = one..three objects); for each colour c: `present` [T, C] (0/1), `shape`
+    [T, C] (shape index, -1 when absent), `x` and `y` [T, C] (quarter of the frame the centre is in,
+    -1 when absent); `patch_color` [T, P] (0 = background, 1 + colour index of the object covering most
+    of the patch when it covers at least a quarter of it) and `patch_shape` [T, P] likewise.
+    """
+    t_count, size = clip.owner.shape[0], clip.owner.shape[1]
+    n_colors = len(COLORS)
+    present = np.zeros((t_count, n_colors), np.int64)
+    shape = np.full((t_count, n_colors), -1, np.int64)
+    xs, ys = shape.copy(), shape.copy()
+    for obj in clip.objects:
+        c = list(COLORS).index(obj.color)
+        for t in range(t_count):
+            cx, cy = obj.center(t)
+            present[t, c], shape[t, c] = 1, SHAPES.index(obj.shape)
+            xs[t, c], ys[t, c] = min(3, int(cx * 4 // size)), min(3, int(cy * 4 // size))
+    grid = size // patch
+    cells = clip.owner[:, : grid * patch, : grid * patch].reshape(t_count, grid, patch, grid, patch)
+    cells = cells.transpose(0, 1, 3, 2, 4).reshape(t_count, grid * grid, patch * patch)
+    cover = np.stack([(cells == k).sum(-1) for k in range(len(clip.objects))])  # [K, T, P]
+    covered, owner = cover.max(0) * 4 >= patch * patch, cover.argmax(0)
+    colors = np.array([1 + list(COLORS).index(obj.color) for obj in clip.objects])
+    shapes = np.array([1 + SHAPES.index(obj.shape) for obj in clip.objects])
+    patch_color, patch_shape = np.where(covered, colors[owner], 0), np.where(covered, shapes[owner], 0)
+    count = np.full(t_count, len(clip.objects) - 1, np.int64)
+    return {"count": count, "present": present, "shape": shape, "x": xs, "y": ys,
+            "patch_color": patch_color, "patch_shape": patch_shape}
+
+
+def write_frames(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 12) -> Path:
+    """Frames uint8 [T, H, W, 3] -> H.264 mp4 (near-lossless crf, one thread: same bytes everywhere)."""
+    path = Path(path)
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": str(crf), "threads": "1"}
+        for n, img in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            frame.pts, frame.time_base = n, Fraction(1, fps)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def write_dataset(folder: str | Path, seed: int, clips: int) -> Path:
+    """Write `clips` mp4 files and `manifest.jsonl` with one question of every type per clip.
+
+    Manifest rows: `id` (`"<clip>-<type>"`), `video` (relative to the manifest), `question`, `answer`.
+    Returns the manifest's path.
+    """
+    if clips < 1:
+        raise ValueError(f"clips must be >= 1, got {clips}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(clips):
+        sample = synth_sample(seed, index)
+        name = f"clip_{index:05d}.mp4"
+        write_frames(folder / name, sample.clip.frames)
+        rows += [
+            {"id": f"{index:05d}-{q.type}", "video": name, "question": q.question, "answer": q.answer}
+            for q in sample.questions
+        ]
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", help="where to write the mp4 files and manifest.jsonl")
+    parser.add_argument("--set", choices=sorted(HELDOUT), help="a fixed held-out set (seed and size)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--clips", type=int, default=None, help="5 questions per clip")
+    args = parser.parse_args(argv)
+    if args.set:
+        seed, clips = HELDOUT[args.set]
+    elif args.seed is not None and args.clips is not None:
+        seed, clips = args.seed, args.clips
+    else:
+        parser.error("give --set, or both --seed and --clips")
+    print(write_dataset(args.folder, seed, clips))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Equal-token-count controls for VisionZip: random patches, pooled grid, dominant only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from pipelines.config import CHOICES, register, to_job_config
+from stages.encode import EncodeStage
+from stages.model import build_tiny_video_llava, load_video_llava
+from visionzip import clip_selection_layer_outputs
+from visionzip.baselines import pool_grid, pool_tokens, random_patch_index, random_tokens
+from visionzip.video_llava import frame_features
+
+CONF = str((Path(__file__).parent.parent / "conf").resolve())
+
+
+def test_random_keeps_cls_and_distinct_patches_in_raster_order():
+    features = torch.randn(5, 65, 8)
+    tokens = random_tokens(features, 17, seed=3)
+    index = random_patch_index(5, 65, 17, seed=3)
+    assert tokens.shape == (5, 17, 8)
+    assert (index[:, 0] == 0).all() and (index[:, 1:] > 0).all()
+    assert (index.diff(dim=1) > 0).all()  # distinct, ascending
+    assert torch.equal(tokens, features[torch.arange(5)[:, None], index])
+    assert torch.equal(random_tokens(features, 17, seed=3), tokens)  # seeded
+    assert not torch.equal(random_patch_index(5, 65, 17, seed=4), index)
+    assert not torch.equal(index[0], index[1])  # each frame its own draw
+    assert torch.equal(random_tokens(features, 65), features)  # keep everything = identity
+
+
+@pytest.mark.parametrize(("count", "side", "grid"), [(4, 8, (2, 2)), (16, 16, (4, 4)), (12, 8, (3, 4)),
+                                                     (13, 16, (1, 13)), (1, 8, (1, 1))])
+def test_pool_grid_is_as_square_as_possible(count, side, grid):
+    assert pool_grid(count, side) == grid
+
+
+def test_pool_grid_that_does_not_fit_is_an_error():
+    with pytest.raises(ValueError, match="11 pooled tokens need a 1 x 11 grid, wider than the 8 x 8"):
+        pool_grid(11, 8)
+
+
+def test_pool_averages_grid_cells():
+    features = torch.randn(2, 1 + 16, 3, dtype=torch.float64)
+    tokens = pool_tokens(features, 5)  # 4 x 4 grid -> 2 x 2 cells of 2 x 2 patches
+    grid = features[:, 1:].reshape(2, 4, 4, 3)
+    expected = torch.stack([grid[:, r : r + 2, c : c + 2].mean((1, 2)) for r in (0, 2) for c in (0, 2)], 1)
+    assert torch.equal(tokens[:, 0], features[:, 0])
+    torch.testing.assert_close(tokens[:, 1:], expected)
+    assert torch.equal(pool_tokens(features, 1), features[:, :1])
+
+
+def test_baselines_reject_bad_inputs():
+    with pytest.raises(ValueError, match="keep must be in 1..17"):
+        random_tokens(torch.randn(1, 17, 4), 18)
+    with pytest.raises(ValueError, match="square patch grid, got 15 patches"):
+        pool_tokens(torch.randn(1, 16, 4), 5)
+    with pytest.raises(ValueError, match=r"features must be \[B, N, D\]"):
+        pool_tokens(torch.randn(16, 4), 5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = build_tiny_video_llava(tmp_path_factory.mktemp("models") / "tiny")
+    return load_video_llava(folder, dtype="float32", device="cpu")[0]
+
+
+def test_frame_features_baselines_use_the_selection_layer(tiny):
+    pixels = torch.randn(3, 3, 224, 224)
+    with torch.inference_mode():
+        features = clip_selection_layer_outputs(tiny.model.video_tower, pixels, -2)[0]
+        rand = frame_features(tiny, pixels, "random", dominant=10, contextual=6, seed=1)
+        pool = frame_features(tiny, pixels, "pool", dominant=14, contextual=3)
+        full = frame_features(tiny, pixels, "none")
+    torch.testing.assert_close(features, full)
+    assert torch.equal(rand, random_tokens(features, 16, seed=1))
+    assert torch.equal(pool, pool_tokens(features, 17))
+    with pytest.raises(ValueError, match="compression must be one of"):
+        frame_features(tiny, pixels, "tome")
+
+
+def test_encode_stage_runs_baselines_and_checks_the_pool_grid(tiny):
+    video = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    for method in ("random", "pool"):
+        encoded = EncodeStage(tiny, compression=method, dominant=14, contextual=3).encode([video])[0]
+        assert encoded.visual_tokens_kept == encoded.visual_tokens_after_zip == 2 * 17
+    with pytest.raises(ValueError, match="wider than the 16 x 16 patch grid"):
+        EncodeStage(tiny, compression="pool", dominant=18, contextual=0)  # 17 patches: 1 x 17
+
+
+@pytest.mark.parametrize("group", ["random", "pool", "dominant_only"])
+def test_compression_groups_compose_and_validate(group, tmp_path):
+    register()
+    with initialize_config_dir(CONF, version_base=None):
+        cfg = compose("config", overrides=[f"compression={group}", f"data.manifest={tmp_path}/m.jsonl",
+                                           f"output.path={tmp_path}/o.jsonl"])
+    job = to_job_config(cfg)
+    assert job.compression.method in CHOICES["compression.method"]
+    assert job.compression.dominant + job.compression.contextual == 17
+    assert (job.compression.method, job.compression.contextual) != ("visionzip", 3)
