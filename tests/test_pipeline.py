@@ -214,3 +214,30 @@ def test_external_two_node_cluster(data, tmp_path):
         assert "3.0 CPU" in status.stdout  # both nodes still up: the job started and stopped nothing
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_a_dead_worker_is_restarted_and_its_batch_retried(data, tmp_path):
+    import psutil
+
+    from pipelines.job import ray_session
+    from pipelines.manifest import group_by_video, read_manifest
+    from pipelines.runner import item_rows, question_rows, run_ray
+
+    job = job_config(data, tmp_path / "unused.jsonl", "ray.num_cpus=2", "resources.decode.batch_size=1",
+                     "resources.encode.batch_size=1", "resources.answer.batch_size=1")
+    rows = item_rows(group_by_video(read_manifest(data["manifest"])))
+    done, killed = [], []
+
+    def kill_the_encoder_once(video_row: dict) -> None:
+        done.extend(question_rows(video_row))
+        if not killed:
+            for proc in psutil.process_iter(["cmdline"]):
+                if "MapBatches(EncodeStage)" in " ".join(proc.info["cmdline"] or []):
+                    proc.kill()
+                    killed.append(len(done))  # rows out when the worker died
+
+    with ray_session(job):
+        run_ray(job, rows, kill_the_encoder_once)
+    assert len(killed) == 1 and killed[0] < len(data["ids"])  # it died with work still to do
+    assert sorted(r["id"] for r in done) == sorted(data["ids"])
+    assert sum(r["error"] is None for r in done) == 5
