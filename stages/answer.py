@@ -82,7 +82,7 @@ class AnswerStage:
         batch_size: int = 8,
     ) -> None:
         if not isinstance(model, VideoLlavaForConditionalGeneration):
-            model, tokenizer = load_video_llava(model, dtype=dtype, device=device)
+            model, tokenizer = load_video_llava(model, dtype=dtype, device=device, keep="language")
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer: AnswerStage(model, tokenizer)")
         if task not in ("qa", "caption"):

@@ -60,7 +60,7 @@ class EncodeStage:
         frame_batch_size: int = 64,
     ) -> None:
         if not isinstance(model, VideoLlavaForConditionalGeneration):
-            model = load_video_llava(model, dtype=dtype, device=device)[0]
+            model = load_video_llava(model, dtype=dtype, device=device, keep="vision")[0]
         self.model = model
         self.preprocess = ClipPreprocess.from_pretrained(model.name_or_path)
         self.full_per_frame = tokens_per_frame(model)
@@ -152,7 +152,7 @@ class EncodeStage:
                     done[i] = self.encode([frames])[0]
                 except Exception as err:  # noqa: BLE001 - one video's failure becomes its error
                     errors[i] = f"encode: {type(err).__name__}: {err}"
-        hidden = self.model.get_input_embeddings().embedding_dim
+        hidden = self.model.config.text_config.hidden_size
         out = {key: value for key, value in batch.items() if key != "frames"}
         out["visual_embeds"] = [
             done[i].embeds.float().cpu().numpy() if i in done else np.empty((0, hidden), np.float32)

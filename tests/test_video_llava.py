@@ -369,3 +369,24 @@ def test_a_failed_encode_costs_only_the_failing_video(tiny):
     assert [e.shape for e in out["visual_embeds"]] == [(34, 64), (0, 64), (34, 64)]
     assert out["visual_tokens_kept"] == [34, None, 34]
     np.testing.assert_array_equal(out["visual_embeds"][2], batched([make_video(2, seed=3)])[0].embeds.numpy())
+
+
+def test_stages_loading_their_own_model_keep_only_their_half(tiny_dir, tiny):
+    model, tokenizer = tiny
+    vision, _ = load_video_llava(tiny_dir, dtype="float32", device="cpu", keep="vision")
+    language, _ = load_video_llava(tiny_dir, dtype="float32", device="cpu", keep="language")
+    assert vision.model.language_model is None and vision.lm_head is None
+    assert language.model.video_tower is None and language.model.multi_modal_projector is None
+    total = sum(p.numel() for p in model.parameters())
+    halves = sum(p.numel() for p in vision.parameters()) + sum(p.numel() for p in language.parameters())
+    assert halves == total - sum(p.numel() for p in model.model.image_tower.parameters())
+    with pytest.raises(ValueError, match="keep must be 'all', 'vision' or 'language', got 'lm'"):
+        load_video_llava(tiny_dir, keep="lm")
+
+    video = make_video(4, seed=21)
+    shared = AnswerStage(model, tokenizer, max_new_tokens=5)
+    expected = shared.answer([EncodeStage(model).encode([video])[0].embeds], [QUESTION])[0].text
+    own_encoder = EncodeStage(tiny_dir, dtype="float32", device="cpu")
+    own_answerer = AnswerStage(tiny_dir, dtype="float32", device="cpu", max_new_tokens=5)
+    assert own_encoder.model.lm_head is None and own_answerer.model.model.video_tower is None
+    assert own_answerer.answer([own_encoder.encode([video])[0].embeds], [QUESTION])[0].text == expected
