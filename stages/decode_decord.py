@@ -25,7 +25,6 @@ import numpy as np
 from stages.decode import DecodeError, VideoMeta, resized_shape
 from stages.decode_pyav import PyAVReader
 
-decord.logging.set_level(decord.logging.QUIET)  # its FFmpeg log lines duplicate our DecodeError messages
 _ROTATING_CONTAINERS = ("mov", "mp4")
 _LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 
@@ -34,6 +33,8 @@ class DecordReader:
     """Same interface as PyAVReader: `timestamps`, `duration`, `meta`, `read(indices)`."""
 
     def __init__(self, path: str, *, size: int | None = None, threads: int = 0, recover: bool = False):
+        # decord's FFmpeg log lines duplicate our DecodeError messages; set on use, not on import
+        decord.logging.set_level(decord.logging.QUIET)
         self.path, self.size, self.threads, self.recover = path, size, threads, recover
         self._index = PyAVReader(path, size=size, threads=threads, recover=recover)
         self.timestamps = self._index.timestamps
