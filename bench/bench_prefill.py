@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from bench.common import (  # noqa: E402
     CACHE_DIR,
     goal,
     interleaved_medians,
+    json_from_subprocess,
     print_table,
     reset_peak_rss,
     status_mb,
@@ -171,12 +171,6 @@ def measure_memory(tokens: int, layers: int) -> dict:
     return {"peak_rss_mb": round(peak, 1), "added_mb": round(peak - loaded, 1)}
 
 
-def memory_in_subprocess(tokens: int, layers: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.bench_prefill", "--memory-of", str(tokens), "--layers", str(layers)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -197,7 +191,11 @@ def main() -> None:
     assert kept["full"] == visual["full"] and kept["visionzip"] == visual["visionzip"], kept
     tokens = {name: visual[name] + TEXT_TOKENS for name in CASES}
 
-    memory = {name: memory_in_subprocess(tokens[name], args.layers) for name in CASES}
+    layers = f"--layers={args.layers}"
+    memory = {
+        name: json_from_subprocess("bench.bench_prefill", f"--memory-of={tokens[name]}", layers)
+        for name in CASES
+    }
     prefill, answer = llm_seconds(tokens, args.layers, args.repeats)
     tower = tower_seconds(args.repeats)
     tower["visionzip_temporal"] = tower["visionzip"]  # merging itself is negligible next to the tower

@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -35,6 +34,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel  # noqa: E402
 from bench.common import (  # noqa: E402
     goal,
     interleaved_medians,
+    json_from_subprocess,
     print_table,
     reset_peak_rss,
     status_mb,
@@ -105,12 +105,6 @@ def measure_memory(name: str) -> dict:
     return {"peak_rss_mb": round(peak, 1), "added_mb": round(peak - loaded, 1)}
 
 
-def memory_in_subprocess(name: str) -> dict:
-    cmd = [sys.executable, "-m", "bench.bench_visionzip", "--memory-of", name]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -122,7 +116,7 @@ def main() -> None:
         print(json.dumps(measure_memory(args.memory_of)))
         return
 
-    memory = {name: memory_in_subprocess(name) for name in CASES}
+    memory = {name: json_from_subprocess("bench.bench_visionzip", "--memory-of", name) for name in CASES}
     sdpa, eager = build("sdpa"), build("eager")
     cases = {name: make_case(name, eager if name == "official" else sdpa) for name in CASES}
     pixels = pixel_values()

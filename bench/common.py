@@ -9,6 +9,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -47,6 +49,15 @@ def reset_peak_rss() -> float:
     measured next in a fresh process counts only what it adds."""
     Path("/proc/self/clear_refs").write_text("5")
     return status_mb("VmRSS")
+
+
+def json_from_subprocess(module: str, *args: str) -> dict:
+    """Run `python -m module args` in a fresh process (so its peak RSS is its own) and parse the JSON
+    object it prints last."""
+    cmd = [sys.executable, "-m", module, *args]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict:

@@ -1,0 +1,187 @@
+"""Answer accuracy under token compression: the paper's Table 3 in miniature, on the synthetic video QA.
+
+Every setting runs the whole job (decode the held-out mp4 files, encode, compress, answer) with the
+shipped synth model (`model=synth`, 65 tokens per frame) and the local runner, then
+`pipelines.evaluate` scores it. Settings: full tokens; VisionZip at 4 budgets per frame; at each budget
+the controls with the same token count (dominant only, random patches, pooled grid); VisionZip and full
+with temporal merging. Budget 5 of 65 (7.7%) stands for the paper's 136 of 2056 (6.6%): the nearest
+count whose pooled grid is square (2 x 2); budget 4 (6.2%) is just below it.
+
+    .venv/bin/python -m bench.bench_retention [--set val500|test2000] [--model models/synth]
+
+Prints the table, writes bench/results/retention.json and bench/results/retention.png (accuracy vs
+visual tokens, one line per method). `answer_s` is the mean over questions of the seconds of the batched
+`generate` call each question was part of (prefill plus the few decoded tokens of 16 prompts), the cost
+that token reduction cuts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import CACHE_DIR, RESULTS_DIR, goal, print_table, write_result  # noqa: E402
+from pipelines.config import register, to_job_config  # noqa: E402
+from pipelines.evaluate import evaluate, read_rows  # noqa: E402
+from pipelines.job import run_job  # noqa: E402
+from pipelines.synth import HELDOUT, QUESTION_TYPES, write_dataset  # noqa: E402
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+BUDGETS = {4: (3, 1), 5: (4, 1), 10: (8, 2), 17: (14, 3)}  # tokens per frame: (dominant, contextual)
+PAPER_BUDGET = 5
+# The types whose answer is a property of one named object, i.e. of a few patches.
+LOCALISED = ("color", "shape", "direction", "half")
+METHODS = ("visionzip", "visionzip+temporal", "dominant_only", "random", "pool")
+
+
+def settings() -> list[tuple[str, str, int, list[str]]]:
+    """(name, method, tokens per frame, Hydra overrides) for every row of the table."""
+    out = [("full", "full", 65, ["compression=none"]),
+           ("full+temporal", "full+temporal", 65, ["compression=none", "compression.temporal.enabled=true"])]
+    for k, (d, c) in BUDGETS.items():
+        zip_args = [f"compression.dominant={d}", f"compression.contextual={c}"]
+        groups = {"visionzip": zip_args, "visionzip+temporal": zip_args, "random": zip_args, "pool": zip_args,
+                  "dominant_only": [f"compression.dominant={k}"]}  # fmt: skip
+        for method, args in groups.items():
+            group = method.replace("+temporal", "_temporal")
+            out.append((f"{method}-{k}", method, k, [f"compression={group}", *args]))
+    return out
+
+
+def run_setting(overrides: list[str], manifest: Path, output: Path, model: str) -> dict:
+    with initialize_config_dir(str(CONF), version_base=None):
+        cfg = compose("config", overrides=[
+            "+experiment=synth", f"model.path={model}", f"data.manifest={manifest}", f"output.path={output}",
+            "output.overwrite=true", *overrides,
+        ])  # fmt: skip
+    run_job(to_job_config(cfg))
+    return evaluate(read_rows(output))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--set", choices=sorted(HELDOUT), default="val500")
+    parser.add_argument("--model", default="models/synth")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these settings (names)")
+    args = parser.parse_args(argv)
+    register()
+    seed, clips = HELDOUT[args.set]
+    data = CACHE_DIR / "synth" / args.set
+    manifest = data / "manifest.jsonl"
+    if not manifest.exists():
+        write_dataset(data, seed, clips)
+    rows = []
+    for name, method, per_frame, overrides in settings():
+        if args.only and name not in args.only:
+            continue
+        result = run_setting(overrides, manifest, data / "out" / f"{name}.jsonl", args.model)
+        row = {"setting": name, "method": method, "tokens_per_frame": per_frame,
+               "visual_tokens": result["visual_tokens_kept_mean"]}  # fmt: skip
+        row.update({t: result["types"][t]["accuracy"] for t in QUESTION_TYPES if t in result["types"]})
+        row["overall"] = result["overall"]["accuracy"]
+        row["errors"] = result["overall"]["errors"]
+        row["answer_s"] = result["answer_seconds_mean"]
+        rows.append(row)
+        print(f"{name}: {row['overall']:.3f}", file=sys.stderr, flush=True)
+    by_name = {r["setting"]: r for r in rows}
+    full = by_name.get("full")
+    for r in rows:
+        r["retention"] = r["overall"] / full["overall"] if full and full["overall"] else None
+        r["localised"] = sum(r[t] for t in LOCALISED) / len(LOCALISED)
+    columns = ["setting", "tokens_per_frame", "visual_tokens", *QUESTION_TYPES, "overall", "retention"]
+    print_table(rows, [*columns, "answer_s", "errors"])
+    ratios, goals = goals_of(by_name)
+    path = write_result("retention", rows, ratios, goals)
+    png = plot(rows, RESULTS_DIR / "retention.png")
+    print(f"goals: {goals}\nwritten {path} and {png}")
+
+
+def goals_of(by: dict[str, dict]) -> tuple[dict, dict]:
+    """The issue's goals, from whatever settings ran (a goal whose settings did not run is left out)."""
+    ratios, goals = {}, {}
+    full, paper = by.get("full"), by.get(f"visionzip-{PAPER_BUDGET}")
+    if full:
+        goals["full_accuracy"] = goal(full["overall"], ">=", 0.90)
+        goals["full_worst_type"] = goal(min(full[t] for t in QUESTION_TYPES), ">=", 0.80)
+    if full and paper and paper["retention"] is not None:
+        ratios["visionzip_paper_retention"] = paper["retention"]
+        goals["visionzip_paper_retention"] = goal(paper["retention"], ">=", 0.932)
+    controls = ("random", "pool")
+    margins = [by[f"visionzip-{k}"]["localised"] - max(by[f"{m}-{k}"]["localised"] for m in controls)
+               for k in BUDGETS if all(f"{m}-{k}" in by for m in ("visionzip", *controls))]  # fmt: skip
+    if margins:
+        ratios["visionzip_minus_best_control_localised_worst_budget"] = min(margins)
+        goals["visionzip_beats_random_and_pool_localised"] = goal(min(margins), ">", 0.0)
+    temporal = by.get(f"visionzip+temporal-{PAPER_BUDGET}")
+    if paper and temporal:
+        removed = 1 - temporal["visual_tokens"] / paper["visual_tokens"]
+        ratios["temporal_tokens_removed"] = removed
+        ratios["temporal_accuracy_drop"] = paper["overall"] - temporal["overall"]
+        goals["temporal_removes_30pct_more"] = goal(removed, ">=", 0.30)
+        goals["temporal_costs_at_most_1pt"] = goal(paper["overall"] - temporal["overall"], "<=", 0.01)
+    return ratios, goals
+
+
+_COLORS = {
+    "visionzip": (31, 119, 180), "visionzip+temporal": (44, 160, 44), "dominant_only": (148, 103, 189),
+    "random": (214, 39, 40), "pool": (255, 127, 14), "full": (0, 0, 0), "full+temporal": (127, 127, 127),
+}  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path, size: tuple[int, int] = (720, 440)) -> Path:
+    """Accuracy (y, 0-100%) vs visual tokens per video (x, log scale), one line per method; PIL only."""
+    import math
+
+    width, height = size
+    left, right, top, bottom = 70, 190, 20, 50
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    xs = [r["visual_tokens"] for r in rows if r["visual_tokens"]]
+    lo, hi = math.log10(min(xs) / 1.2), math.log10(max(xs) * 1.2)
+
+    def at(tokens: float, acc: float) -> tuple[float, float]:
+        x = left + (math.log10(tokens) - lo) / (hi - lo) * (width - left - right)
+        return x, top + (1 - acc) * (height - top - bottom)
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for acc in (0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        _, y = at(10**lo, acc)
+        draw.line([left, y, width - right, y], fill=(225, 225, 225))
+        draw.text((left - 40, y - 6), f"{acc:.0%}", fill="black")
+    for tokens in (10, 20, 50, 100, 200, 500, 1000):
+        if lo <= math.log10(tokens) <= hi:
+            x, _ = at(tokens, 0)
+            draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
+            draw.text((x - 10, height - bottom + 8), str(tokens), fill="black")
+    draw.text((left + 120, height - 20), "visual tokens per video (log scale)", fill="black")
+    draw.text((5, top - 15), "accuracy", fill="black")
+    for i, method in enumerate(["full", "full+temporal", *METHODS]):
+        points = sorted((r["visual_tokens"], r["overall"]) for r in rows if r["method"] == method)
+        if not points:
+            continue
+        color = _COLORS[method]
+        if method == "full":  # reference: the accuracy every method is retained against
+            _, y = at(10**lo, points[0][1])
+            for x in range(left, width - right, 12):
+                draw.line([x, y, x + 5, y], fill=(160, 160, 160))
+        pixels = [at(t, a) for t, a in points]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=color, width=2)
+        for x, y in pixels:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        ly = top + 10 + 18 * i
+        draw.line([width - right + 12, ly, width - right + 32, ly], fill=color, width=2)
+        draw.text((width - right + 38, ly - 6), method, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
