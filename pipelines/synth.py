@@ -16,7 +16,7 @@ stays inside its half of the frame for the whole clip, so `half` has one answer.
 
 Everything is seeded: clip `i` of seed `s` is the same on every machine (numpy's PCG64 per clip). The
 in-memory path (`make_clip`, `training_samples`) feeds training; `write_dataset` writes real mp4 files
-and a manifest (`id = "<clip>-<k>-<type>"`, so `pipelines.evaluate` can score per type) for held-out
+and a manifest (`id = "<clip>-<type>"`, so `pipelines.evaluate` can score per type) for held-out
 sets that go through the whole pipeline, decoding included.
 """
 
@@ -35,7 +35,6 @@ import numpy as np
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 235), "yellow": (235, 215, 40)}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-HALVES = ("top", "bottom")
 COUNTS = ("one", "two", "three")
 QUESTION_TYPES = ("color", "shape", "count", "direction", "half")
 # Held-out sets: (seed, clips); 5 questions per clip. Training seeds start at 0 and stay far below these.

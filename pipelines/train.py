@@ -1,0 +1,469 @@
+"""Train the small Video-LLaVA that answers the synthetic video QA of `pipelines.synth`, on a CPU.
+
+A feasibility run found that the answer loss alone leaves a from-scratch model at chance for a long time:
+the LLM cannot learn what to look for before the tower shows it anything. So, in two phases:
+
+1. `tower`: the CLIP tower alone learns, from single frames, what each frame holds. Its CLS token at the
+   selection layer (the one Video-LLaVA feeds the LLM, -2) predicts per-frame attributes (object count;
+   per colour: present, shape, x and y quarter), a CLIP-like objective that makes the CLS query's
+   attention concentrate on the objects (VisionZip's premise); its patch tokens predict the colour and
+   shape of what they show. No LLM runs, so a step is cheap.
+2. `lm`: tower frozen; the multimodal projector and the LLM learn the answer token and EOS from the full
+   token sequence (65 per frame), built by the answer stage's own `build_inputs`, so training and
+   inference read exactly the same prompt.
+
+Everything is seeded (model init, data streams); `python -m pipelines.train --help` lists the knobs, and
+`models/synth/README.md` records the command that made the shipped checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    PreTrainedTokenizerBase,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
+    VideoLlavaImageProcessor,
+)
+
+from pipelines.synth import (
+    COLORS,
+    FRAME_SIZE,
+    NUM_FRAMES,
+    QUESTION_TYPES,
+    SHAPES,
+    TrainingSample,
+    synth_sample,
+    training_samples,
+)
+from stages.answer import PROMPT, AnswerStage
+from stages.model import tiny_tokenizer
+from stages.preprocess import ClipPreprocess
+from visionzip import clip_selection_layer_outputs
+from visionzip.video_llava import feature_layer, frame_features, project
+
+log = logging.getLogger("vzpipe.train")
+PATCH = 14
+
+
+def synth_config(tokenizer: PreTrainedTokenizerBase, width: int = 128, lm_width: int = 192,
+                 lm_layers: int = 4) -> VideoLlavaConfig:
+    """112 px / patch 14 (64 patches + CLS = 65 tokens per frame), a 4-block tower (the last one is
+    skipped: Video-LLaVA reads block 3's output) and a small Llama."""
+    vision = CLIPVisionConfig(
+        hidden_size=width, intermediate_size=4 * width, num_hidden_layers=4, num_attention_heads=4,
+        image_size=FRAME_SIZE, patch_size=PATCH, projection_dim=width,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=lm_width, intermediate_size=int(8 / 3 * lm_width),
+        num_hidden_layers=lm_layers, num_attention_heads=lm_width // 32, num_key_value_heads=lm_width // 32,
+        max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
+    tokens = (FRAME_SIZE // PATCH) ** 2
+    return VideoLlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-2,
+        image_seq_length=tokens,
+        video_seq_length=NUM_FRAMES * (tokens + 1),
+    )
+
+
+def new_model(seed: int, **sizes: int) -> tuple[VideoLlavaForConditionalGeneration, PreTrainedTokenizerBase]:
+    """A randomly initialised synth model (seeded) with the offline tokenizer, SDPA attention."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = synth_config(tokenizer, **sizes)
+    config._attn_implementation = "sdpa"
+    model = VideoLlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return model, tokenizer
+
+
+PREPROCESS = ClipPreprocess(shortest_edge=FRAME_SIZE, crop_height=FRAME_SIZE, crop_width=FRAME_SIZE)
+
+
+def pixels_of(samples: list[TrainingSample]) -> torch.Tensor:
+    """[B * T, 3, 112, 112] float32, preprocessed exactly as the encode stage does for this model."""
+    return PREPROCESS(np.concatenate([s.clip.frames for s in samples]))
+
+
+class TowerHeads(nn.Module):
+    """Training-only readouts of the selection layer: per-frame attributes from CLS, per-patch classes."""
+
+    def __init__(self, width: int, grid: int) -> None:
+        super().__init__()
+        colors = len(COLORS)
+        self.sizes = {"count": 3, "present": 2 * colors, "shape": len(SHAPES) * colors, "x": 4 * colors,
+                      "y": 4 * colors}  # fmt: skip
+        self.patch_sizes = {"patch_color": 1 + colors, "patch_shape": 1 + len(SHAPES), "row": grid,
+                            "col": grid}  # fmt: skip
+        self.grid = grid
+        self.cls = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, sum(self.sizes.values())))
+        self.patch = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, sum(self.patch_sizes.values())))
+
+    def loss(self, features: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of cross-entropies; absent objects' shape/position targets are -1 (ignored)."""
+        colors = len(COLORS)
+        out = self.cls(features[:, 0]).split(list(self.sizes.values()), dim=-1)
+        heads = dict(zip(self.sizes, out, strict=True))
+        total = F.cross_entropy(heads["count"], labels["count"])
+        for key in ("present", "shape", "x", "y"):
+            logits = heads[key].reshape(len(features), colors, -1)
+            total = total + F.cross_entropy(logits.flatten(0, 1), labels[key].flatten(), ignore_index=-1)
+        # every patch token says what covers it and where it is (its row and column): the LLM reads the
+        # kept patch tokens, and where an object is (half, motion) is only in them
+        place = torch.arange(self.grid * self.grid).expand(len(features), -1)
+        targets = {**labels, "row": place // self.grid, "col": place % self.grid}
+        patch = self.patch(features[:, 1:]).split(list(self.patch_sizes.values()), dim=-1)
+        for key, logits in zip(self.patch_sizes, patch, strict=True):
+            total = total + F.cross_entropy(logits.flatten(0, 1), targets[key].flatten())
+        return total
+
+
+def frame_label_batch(samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
+    from pipelines.synth import frame_labels
+
+    per_clip = [frame_labels(s.clip, PATCH) for s in samples]
+    return {key: torch.from_numpy(np.concatenate([f[key] for f in per_clip])) for key in per_clip[0]}
+
+
+def selection_features(model: VideoLlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
+    """hidden_states[vision_feature_layer] of the video tower (blocks after it skipped)."""
+    return clip_selection_layer_outputs(model.model.video_tower, pixels, feature_layer(model))[0]
+
+
+def _batches(stream: Iterator[TrainingSample], size: int) -> Iterator[list[TrainingSample]]:
+    while True:
+        yield [next(stream) for _ in range(size)]
+
+
+def _lr(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + np.cos(np.pi * progress)))
+
+
+def pretrain_tower(model: VideoLlavaForConditionalGeneration, steps: int, clips: int = 8, lr: float = 2e-3,
+                   seed: int = 0, log_every: int = 50) -> list[float]:
+    """Phase 1 (see module doc). Returns the loss of every step."""
+    tower = model.model.video_tower
+    torch.manual_seed(seed)
+    vision = model.config.vision_config
+    heads = TowerHeads(vision.hidden_size, vision.image_size // vision.patch_size)
+    params = [*tower.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    tower.train()
+    losses = []
+    start = time.perf_counter()
+    for step, batch in zip(range(steps), _batches(training_samples(seed), clips), strict=False):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+        loss = heads.loss(selection_features(model, pixels_of(batch)), frame_label_batch(batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            log.info("tower step %d/%d loss %.4f (%.0f s)", step + 1, steps, np.mean(losses[-log_every:]),
+                     time.perf_counter() - start)
+    tower.eval()
+    return losses
+
+
+def answer_ids(tokenizer: PreTrainedTokenizerBase, answers: list[str]) -> torch.Tensor:
+    """Each one-word answer as its single token (as it follows `ASSISTANT:`)."""
+    ids = [tokenizer(" " + a, add_special_tokens=False).input_ids for a in answers]
+    ids = [i[1:] if len(i) > 1 and tokenizer.convert_ids_to_tokens(i[0]) == "▁" else i for i in ids]
+    bad = [a for a, i in zip(answers, ids, strict=True) if len(i) != 1]
+    if bad:
+        raise ValueError(f"answers must be single tokens of the tokenizer, got {bad}")
+    return torch.tensor([i[0] for i in ids])
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Which visual tokens the LLM reads while training or tuning (`visionzip.video_llava.frame_features`)."""
+
+    method: str = "none"
+    dominant: int = 14
+    contextual: int = 3
+
+
+FULL = Compression()
+
+
+def visual_features(model: VideoLlavaForConditionalGeneration, samples: list[TrainingSample],
+                    compression: Compression = FULL) -> torch.Tensor:
+    """Per-frame tokens before the projector [B * T, K, D], without gradients (the tower is frozen after
+    phase 1): the selection layer's (blocks after it skipped) for `none`, else the compressed ones."""
+    with torch.no_grad():
+        pixels = pixels_of(samples)
+        if compression.method == "none":
+            return selection_features(model, pixels)
+        return frame_features(model, pixels, compression.method, compression.dominant, compression.contextual)
+
+
+def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+                         samples: list[TrainingSample], targets: torch.Tensor,
+                         compression: Compression = FULL) -> torch.Tensor:
+    """Logits [B * Q, 2, vocab] for every question of every clip: at the prompt's last token (predicts
+    the answer) and at the answer token (predicts EOS); `targets` [B * Q] are the answer tokens.
+
+    Every prompt of a clip starts with the same tokens (`USER: <video>\n`), so the LLM reads that long
+    prefix (the visual tokens) once per clip and each question continues from its key/value cache: the
+    same numbers as one prompt at a time (causal attention), Q times cheaper. The tower runs without
+    gradients (frozen in phase 2); the projector and the LLM with them.
+    """
+    visual = project(model, visual_features(model, samples, compression))
+    visual = visual.unflatten(0, (len(samples), -1)).flatten(1, 2)  # [B, M, H]
+    texts = [PROMPT.format(question=q.question) for s in samples for q in s.questions]
+    ids = [tokenizer(t).input_ids for t in texts]
+    common = next(i for i in range(min(map(len, ids))) if len({row[i] for row in ids}) > 1)
+    at = ids[0].index(model.config.video_token_id)
+    if at >= common:
+        raise ValueError("the prompts must share the tokens up to and including the video placeholder")
+    embed = model.get_input_embeddings()
+    head = torch.tensor(ids[0][:common])
+    prefix = torch.cat([embed(head[:at]).expand(len(samples), -1, -1), visual,
+                        embed(head[at + 1 :]).expand(len(samples), -1, -1)], 1)  # fmt: skip
+    lm = model.model.language_model
+    cache = lm(inputs_embeds=prefix, use_cache=True).cache
+    per_clip = len(ids) // len(samples)
+    cache.batch_repeat_interleave(per_clip)
+    tails = [row[common:] + [int(t)] for row, t in zip(ids, targets, strict=True)]
+    width = max(map(len, tails))
+    tail_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in tails])
+    mask = torch.ones(len(tails), prefix.shape[1] + width, dtype=torch.long)
+    for row, tail in enumerate(tails):
+        mask[row, prefix.shape[1] + len(tail) :] = 0
+    positions = prefix.shape[1] + torch.arange(width).expand(len(tails), -1)
+    hidden = lm(inputs_embeds=embed(tail_ids), attention_mask=mask, position_ids=positions, cache=cache,
+                use_cache=True).last_hidden_state  # fmt: skip
+    last = torch.tensor([len(tail) - 2 for tail in tails])  # the prompt's last token
+    rows = torch.arange(len(tails))[:, None]
+    return model.lm_head(hidden[rows, torch.stack([last, last + 1], 1)])
+
+
+def train_lm(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, steps: int,
+             clips: int = 8, lr: float = 1e-3, seed: int = 1, log_every: int = 25,
+             eval_every: int = 0, eval_samples: list[TrainingSample] | None = None,
+             save_to: str | Path | None = None, compression: Compression = FULL,
+             projector_only: bool = False) -> list[float]:
+    """Phase 2 (see module doc): answer token + EOS loss, tower frozen, `clips` clips (x 5 questions)
+    per step. Every `eval_every` steps: accuracy on `eval_samples` logged, checkpoint saved to `save_to`.
+    `projector_only` with a `compression` is the paper's efficient tuning: only the multimodal projector
+    learns, on the compressed tokens; every other weight stays bit-identical. Returns the step losses."""
+    if projector_only:
+        model.requires_grad_(False)
+        model.model.multi_modal_projector.requires_grad_(True)
+    model.model.video_tower.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    eos = tokenizer.eos_token_id
+    model.train()
+    losses = []
+    start = time.perf_counter()
+    for step, batch in zip(range(steps), _batches(training_samples(seed), clips), strict=False):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+        target = answer_ids(tokenizer, [q.answer for s in batch for q in s.questions])
+        logits = shared_prefix_logits(model, tokenizer, batch, target, compression)
+        labels = torch.stack([target, torch.full_like(target, eos)], 1)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            log.info("lm step %d/%d loss %.4f (%.0f s)", step + 1, steps, np.mean(losses[-log_every:]),
+                     time.perf_counter() - start)
+        if eval_every and eval_samples and (step + 1) % eval_every == 0:
+            accuracy = quick_accuracy(model, tokenizer, eval_samples, compression=compression)
+            log.info("lm step %d accuracy %s", step + 1, json.dumps(accuracy))
+            if save_to is not None and projector_only:
+                save_projector(model, save_to)
+            elif save_to is not None:
+                save_checkpoint(model, tokenizer, save_to)
+            model.train()
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def quick_accuracy(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+                   samples: list[TrainingSample], clips: int = 8, compression: Compression = FULL
+                   ) -> dict[str, float]:
+    """First-token greedy accuracy per question type on in-memory clips, through the answer stage's own
+    prompt building (`AnswerStage.build_inputs`, left-padded batches): a training-time signal; the real
+    measurement decodes mp4 files through the pipeline and scores with `pipelines.evaluate`."""
+    model.eval()
+    answer = AnswerStage(model, tokenizer, max_new_tokens=1)
+    hits: dict[str, list[bool]] = {t: [] for t in QUESTION_TYPES}
+    for i in range(0, len(samples), clips):
+        chunk = samples[i : i + clips]
+        visual = project(model, visual_features(model, chunk, compression)).unflatten(0, (len(chunk), -1))
+        questions = [q for s in chunk for q in s.questions]
+        embeds = [v.flatten(0, 1) for v, s in zip(visual, chunk, strict=True) for _ in s.questions]
+        inputs = answer.build_inputs(embeds, [q.question for q in questions])
+        predicted = model(**inputs, logits_to_keep=1).logits[:, -1].argmax(-1)
+        target = answer_ids(tokenizer, [q.answer for q in questions])
+        for q, ok in zip(questions, (predicted == target).tolist(), strict=True):
+            hits[q.type].append(ok)
+    acc = {t: float(np.mean(v)) for t, v in hits.items() if v}
+    acc["overall"] = float(np.mean([ok for v in hits.values() for ok in v]))
+    return acc
+
+
+def save_checkpoint(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+                    folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Model (safetensors, `dtype`), tokenizer and a 112 px image processor config: a folder
+    `stages.model.load_video_llava` loads like any checkpoint."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # a converted copy of the weights: the model being trained keeps its float32 weights
+    model.save_pretrained(folder, state_dict={k: v.to(dtype) for k, v in model.state_dict().items()})
+    tokenizer.save_pretrained(folder)
+    VideoLlavaImageProcessor(
+        size={"shortest_edge": FRAME_SIZE}, crop_size={"height": FRAME_SIZE, "width": FRAME_SIZE}
+    ).save_pretrained(folder)
+    return folder
+
+
+FIXED_SET = (2_000_000, 10)  # (seed, clips): the in-memory set whose accuracy a checkpoint records
+
+
+def fixed_set_accuracy(folder: str | Path, seed: int = FIXED_SET[0], clips: int = FIXED_SET[1]) -> dict:
+    """Load a checkpoint and answer `clips` in-memory clips x 5 questions through the encode and answer
+    stages (full tokens, greedy), scored by `pipelines.evaluate`: what the shipped model records in its
+    `metrics.json` and its test checks."""
+    from pipelines.evaluate import evaluate
+    from stages.encode import EncodeStage
+    from stages.model import load_video_llava
+
+    model, tokenizer = load_video_llava(folder, dtype="float32", device="cpu")
+    samples = [synth_sample(seed, i) for i in range(clips)]
+    encoded = EncodeStage(model, compression="none").encode([s.clip.frames for s in samples])
+    answerer = AnswerStage(model, tokenizer, max_new_tokens=3)
+    rows = []
+    for i, (sample, video) in enumerate(zip(samples, encoded, strict=True)):
+        questions = [q.question for q in sample.questions]
+        replies = answerer.answer([video.embeds] * len(questions), questions)
+        rows += [{"id": f"{i:05d}-{q.type}", "prediction": r.text, "answer": q.answer}
+                 for q, r in zip(sample.questions, replies, strict=True)]  # fmt: skip
+    return evaluate(rows)
+
+
+def write_metrics(folder: str | Path) -> dict:
+    """`metrics.json` in the checkpoint folder: the fixed set's definition and accuracy."""
+    result = fixed_set_accuracy(folder)
+    metrics = {"fixed_set": {"seed": FIXED_SET[0], "clips": FIXED_SET[1], "compression": "none",
+                             "correct": result["overall"]["correct"], "n": result["overall"]["n"],
+                             "per_type_correct": {t: g["correct"] for t, g in result["types"].items()}}}
+    (Path(folder) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def save_projector(model: VideoLlavaForConditionalGeneration, folder: str | Path) -> Path:
+    """The multimodal projector's weights alone (float32 safetensors): what projector tuning changes."""
+    path = Path(folder) / "projector.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = model.model.multi_modal_projector.state_dict()
+    save_file({k: v.detach().float().contiguous() for k, v in weights.items()}, str(path))
+    return path
+
+
+def load_projector(model: VideoLlavaForConditionalGeneration, path: str | Path) -> None:
+    """Replace the model's projector weights with tuned ones (shapes must match: same architecture)."""
+    projector = model.model.multi_modal_projector
+    weights = load_file(str(path))
+    expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if got != expected:
+        raise ValueError(f"projector {path}: weights {got} do not fit this model's projector {expected}")
+    projector.load_state_dict({k: v.to(model.dtype) for k, v in weights.items()})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the synthetic-QA Video-LLaVA (see module doc).")
+    parser.add_argument("--out", default="models/synth", help="checkpoint folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tower-steps", type=int, default=2500)
+    parser.add_argument("--tower-clips", type=int, default=8, help="clips (x 8 frames) per tower step")
+    parser.add_argument("--tower-lr", type=float, default=2e-3)
+    parser.add_argument("--lm-steps", type=int, default=1200)
+    parser.add_argument("--lm-clips", type=int, default=8, help="clips (x 5 questions) per LM step")
+    parser.add_argument("--lm-lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tower-out", default=".cache/synth-tower", help="where phase 1's model goes")
+    parser.add_argument("--tower-from", default=None, help="skip phase 1: load the tower of this checkpoint")
+    parser.add_argument("--score", default=None, help="only (re)write metrics.json of this checkpoint")
+    parser.add_argument("--tune-from", default=None,
+                        help="projector-only tuning of this checkpoint on compressed tokens (--compression, "
+                             "--dominant, --contextual, --lm-steps, --lm-lr): OUT/projector.safetensors")
+    parser.add_argument("--compression", default="visionzip", help="method for --tune-from")
+    parser.add_argument("--dominant", type=int, default=4)
+    parser.add_argument("--contextual", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    if args.score:
+        log.info("fixed-set metrics %s", json.dumps(write_metrics(args.score)))
+        return
+    if args.tune_from:
+        from stages.model import load_video_llava
+
+        model, tokenizer = load_video_llava(args.tune_from, dtype="float32", device="cpu")
+        compression = Compression(args.compression, args.dominant, args.contextual)
+        eval_samples = [synth_sample(args.seed + 999_999, i) for i in range(40)]
+        before = quick_accuracy(model, tokenizer, eval_samples, 8, compression)
+        log.info("before tuning %s", json.dumps(before))
+        train_lm(model, tokenizer, args.lm_steps, args.lm_clips, args.lm_lr, seed=args.seed + 2,
+                 eval_every=args.eval_every, eval_samples=eval_samples, save_to=args.out,
+                 compression=compression, projector_only=True)  # fmt: skip
+        log.info("written %s", save_projector(model, args.out))
+        return
+    model, tokenizer = new_model(args.seed)
+    eval_samples = [synth_sample(args.seed + 999_999, i) for i in range(40)]
+    if args.tower_from:
+        trained = VideoLlavaForConditionalGeneration.from_pretrained(args.tower_from, dtype=torch.float32)
+        model.model.video_tower.load_state_dict(trained.model.video_tower.state_dict())
+    else:
+        pretrain_tower(model, args.tower_steps, args.tower_clips, args.tower_lr, seed=args.seed)
+        save_checkpoint(model, tokenizer, args.tower_out, torch.float32)
+    train_lm(model, tokenizer, args.lm_steps, args.lm_clips, args.lm_lr, seed=args.seed + 1,
+             eval_every=args.eval_every, eval_samples=eval_samples, save_to=args.out)
+    log.info("final in-memory accuracy %s", json.dumps(quick_accuracy(model, tokenizer, eval_samples)))
+    save_checkpoint(model, tokenizer, args.out)
+    log.info("fixed-set metrics %s", json.dumps(write_metrics(args.out)))
+
+
+if __name__ == "__main__":
+    main()
