@@ -23,6 +23,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     device: str = "auto"
     build_tiny: bool = False  # build the tiny random model into `path` first (tests, demo)
+    projector_path: str | None = None  # tuned projector weights (`pipelines.train --tune-from`)
 
 
 @dataclass
@@ -169,8 +170,9 @@ def validate(job: JobConfig) -> None:
                 f"compression.dominant + compression.contextual = {c.dominant} + {c.contextual} = "
                 f"{c.dominant + c.contextual} exceeds the {TOKENS_PER_FRAME} tokens of a frame"
             )
-    if c.temporal.enabled and c.temporal.max_tokens is not None and job.decode.strategy == "uniform":
-        per_frame = c.dominant + c.contextual if c.method != "none" else TOKENS_PER_FRAME
+    if (c.temporal.enabled and c.temporal.max_tokens is not None and job.decode.strategy == "uniform"
+            and c.method != "none"):  # with `none` the tokens per frame are the model's: checked at load
+        per_frame = c.dominant + c.contextual
         floor = per_frame + job.decode.num_frames - 1  # frame 0 whole + every later frame's CLS
         if c.temporal.max_tokens < floor:
             problems.append(

@@ -40,7 +40,8 @@ def stage_specs(job: JobConfig) -> list[StageSpec]:
               "max_frames": d.max_frames, "size": d.size, "recover": d.recover}
     encode = {"compression": c.method, "dominant": c.dominant, "contextual": c.contextual,
               "temporal": c.temporal.enabled, "threshold": c.temporal.threshold,
-              "max_tokens": c.temporal.max_tokens, "frame_batch_size": job.resources.frame_batch_size}
+              "max_tokens": c.temporal.max_tokens, "frame_batch_size": job.resources.frame_batch_size,
+              "projector_path": m.projector_path}
     g = p.generation
     answer = {"task": p.task, "caption_prompt": p.caption_prompt, "max_new_tokens": g.max_new_tokens,
               "do_sample": g.do_sample, "temperature": g.temperature, "top_p": g.top_p,

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     CLIPVisionConfig,
@@ -397,17 +397,6 @@ def save_projector(model: VideoLlavaForConditionalGeneration, folder: str | Path
     weights = model.model.multi_modal_projector.state_dict()
     save_file({k: v.detach().float().contiguous() for k, v in weights.items()}, str(path))
     return path
-
-
-def load_projector(model: VideoLlavaForConditionalGeneration, path: str | Path) -> None:
-    """Replace the model's projector weights with tuned ones (shapes must match: same architecture)."""
-    projector = model.model.multi_modal_projector
-    weights = load_file(str(path))
-    expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in weights.items()}
-    if got != expected:
-        raise ValueError(f"projector {path}: weights {got} do not fit this model's projector {expected}")
-    projector.load_state_dict({k: v.to(model.dtype) for k, v in weights.items()})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ import torch
 from transformers import VideoLlavaForConditionalGeneration
 
 from stages.batch import errors_of
-from stages.model import DEFAULT_MODEL, load_video_llava
+from stages.model import DEFAULT_MODEL, load_projector, load_video_llava
 from stages.preprocess import ClipPreprocess, check_frames
 from visionzip import merge_frames
 from visionzip.baselines import pool_grid
@@ -42,7 +42,8 @@ class EncodeStage:
     `model` is a path or hub id (loaded here, as a Ray actor does) or an already loaded
     `VideoLlavaForConditionalGeneration` (shared with an `AnswerStage` in one process; `dtype` and
     `device` are then ignored). Preprocessing parameters come from the model folder's
-    `preprocessor_config.json`, or CLIP's defaults.
+    `preprocessor_config.json`, or CLIP's defaults. `projector_path`: tuned projector weights to use
+    instead of the checkpoint's (they replace them in `model` when it is a loaded one).
     """
 
     def __init__(
@@ -58,9 +59,12 @@ class EncodeStage:
         threshold: float = 0.9,
         max_tokens: int | None = None,
         frame_batch_size: int = 64,
+        projector_path: str | os.PathLike | None = None,
     ) -> None:
         if not isinstance(model, VideoLlavaForConditionalGeneration):
             model = load_video_llava(model, dtype=dtype, device=device, keep="vision")[0]
+        if projector_path is not None:
+            load_projector(model, projector_path)
         self.model = model
         self.preprocess = ClipPreprocess.from_pretrained(model.name_or_path)
         self.full_per_frame = tokens_per_frame(model)

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -101,6 +103,23 @@ def load_video_llava(
     if tokenizer.pad_token_id is None:  # left-padded batches need one; EOS never reaches the LM unmasked
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def load_projector(model: VideoLlavaForConditionalGeneration, path: str | os.PathLike) -> None:
+    """Replace the model's projector weights with tuned ones (`pipelines.train --tune-from`; shapes must
+    match: same architecture)."""
+    projector = model.model.multi_modal_projector
+    try:
+        weights = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise ModelLoadError(f"projector {str(path)!r}: cannot read safetensors weights: {err}") from err
+    expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if got != expected:
+        raise ModelLoadError(
+            f"projector {str(path)!r}: weights {got} do not fit this model's projector {expected}"
+        )
+    projector.load_state_dict({k: v.to(device=model.device, dtype=model.dtype) for k, v in weights.items()})
 
 
 # Word pieces of the tiny tokenizer: the chat template and the demo's prompts tokenise to whole words.

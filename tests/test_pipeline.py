@@ -76,6 +76,12 @@ def test_config_defaults_groups_and_overrides():
     assert (job.decode.backend, job.decode.num_frames, job.pipeline.task) == ("decord", 16, "caption")
     assert job.ray.address == "10.0.0.1:6379" and job.resources.decode.pool_size == 4
     assert compose_job("compression=none").compression.method == "none"
+    from pipelines.runner import stage_specs
+
+    job = compose_job("model.projector_path=p.safetensors", "decode.size=null")
+    decode, encode, answer = stage_specs(job)
+    assert encode.kwargs["projector_path"] == "p.safetensors" and decode.kwargs["size"] is None
+    assert answer.kwargs["model"] == encode.kwargs["model"] == "LanguageBind/Video-LLaVA-7B-hf"
 
 
 def test_config_rejects_bad_keys_types_and_values():

@@ -11,7 +11,6 @@ from pipelines.synth import synth_sample
 from pipelines.train import (
     Compression,
     answer_ids,
-    load_projector,
     new_model,
     pixels_of,
     pretrain_tower,
@@ -23,7 +22,7 @@ from pipelines.train import (
 )
 from stages.answer import AnswerStage
 from stages.encode import EncodeStage
-from stages.model import load_video_llava
+from stages.model import load_projector, load_video_llava
 from visionzip.video_llava import project
 
 SMALL = {"width": 32, "lm_width": 64, "lm_layers": 1}

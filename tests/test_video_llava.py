@@ -390,3 +390,21 @@ def test_stages_loading_their_own_model_keep_only_their_half(tiny_dir, tiny):
     own_answerer = AnswerStage(tiny_dir, dtype="float32", device="cpu", max_new_tokens=5)
     assert own_encoder.model.lm_head is None and own_answerer.model.model.video_tower is None
     assert own_answerer.answer([own_encoder.encode([video])[0].embeds], [QUESTION])[0].text == expected
+
+
+def test_encoder_uses_a_tuned_projector(tiny_dir, tmp_path):
+    from pipelines.train import save_projector
+
+    tuned, _ = load_video_llava(tiny_dir, dtype="float32", device="cpu")
+    with torch.no_grad():
+        for p in tuned.model.multi_modal_projector.parameters():
+            p.mul_(-2.0)
+    path = save_projector(tuned, tmp_path)
+    video = make_video(3, seed=8)
+    expected = EncodeStage(tuned).encode([video])[0].embeds
+    encoder = EncodeStage(tiny_dir, dtype="float32", device="cpu", projector_path=path)
+    torch.testing.assert_close(encoder.encode([video])[0].embeds, expected)
+    plain = EncodeStage(tiny_dir, dtype="float32", device="cpu").encode([video])[0].embeds
+    assert not torch.allclose(plain, expected)
+    with pytest.raises(ModelLoadError, match="cannot read safetensors weights"):
+        EncodeStage(tiny_dir, dtype="float32", device="cpu", projector_path=tmp_path / "missing.safetensors")
