@@ -106,12 +106,11 @@ class OutputConfig:
 
 @dataclass
 class DemoConfig:
-    """`+experiment=demo`: generate sample videos and a manifest before the job reads it."""
+    """`+experiment=demo`: generate sample clips and a manifest before the job reads it."""
 
     enabled: bool = False
     folder: str = "demo_data"
-    videos: int = 4
-    questions_per_video: int = 3
+    videos: int = 4  # synthetic clips, one question of each of the 5 types per clip
     broken_video: bool = True  # one manifest row points at a corrupt file: it must become an error row
 
 

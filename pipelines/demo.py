@@ -1,5 +1,6 @@
-"""Sample data for `make demo`: generated videos and a manifest with several questions per video, plus
-one row pointing at a truncated file, which must come out as an error row while the rest completes."""
+"""Sample data for `make demo`: held-out clips of the synthetic video QA (whose answers the shipped
+`models/synth` model was trained to give), one question of every type per clip with its ground truth,
+plus one row pointing at a truncated file, which must come out as an error row while the rest completes."""
 
 from __future__ import annotations
 
@@ -7,32 +8,22 @@ import json
 from pathlib import Path
 
 from pipelines.config import DemoConfig
-from pipelines.sample_videos import write_truncated, write_video
+from pipelines.sample_videos import write_truncated
+from pipelines.synth import write_dataset
 
-QUESTIONS = (
-    "What is moving in the video?",
-    "Describe the video in detail.",
-    "What color is the bottom of the frame?",
-    "How many objects are there?",
-)
+DEMO_SEED = 7_000_000  # apart from the training and held-out seeds
 
 
 def write_demo_data(demo: DemoConfig, manifest: str | Path) -> Path:
-    """Write the videos into `demo.folder` and the manifest to `manifest` (idempotent: same bytes)."""
+    """Write `demo.videos` clips into `demo.folder` and the manifest to `manifest`."""
     folder = Path(demo.folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for v in range(demo.videos):
-        video = folder / f"video_{v}.mp4"
-        if not video.exists():
-            write_video(video, num_frames=50 + 25 * v, width=320, height=240, fps=25)
-        for q in range(demo.questions_per_video):
-            question = QUESTIONS[q % len(QUESTIONS)]
-            rows.append({"id": f"video_{v}-q{q}", "video": video.name, "question": question})
-    if demo.broken_video and demo.videos:
+    written = write_dataset(folder, DEMO_SEED, demo.videos)
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    if demo.broken_video:
         broken = folder / "broken.mp4"
-        write_truncated(folder / "video_0.mp4", broken, keep=0.5)
-        rows.append({"id": "broken-q0", "video": broken.name, "question": QUESTIONS[0]})
+        write_truncated(folder / rows[0]["video"], broken, keep=0.5)
+        rows.append({"id": "broken-color", "video": broken.name, "question": rows[0]["question"],
+                     "answer": rows[0]["answer"]})
     manifest = Path(manifest)
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))

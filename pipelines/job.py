@@ -31,8 +31,11 @@ def run_job(job: JobConfig) -> dict:
         from pipelines.demo import write_demo_data
 
         write_demo_data(job.demo, job.data.manifest)
+    local_model = os.path.expanduser(job.model.path)
     if job.model.build_tiny:
-        build_tiny_video_llava(os.path.expanduser(job.model.path))
+        build_tiny_video_llava(local_model)
+    if os.path.isdir(local_model):  # workers may run in another folder: give them an absolute path
+        job.model.path = os.path.abspath(local_model)
     questions = read_manifest(job.data.manifest, job.data.video_root,
                               require_question=job.pipeline.task == "qa")
     sink = OutputSink(job.output.path, overwrite=job.output.overwrite)

@@ -47,11 +47,11 @@ class VideoItem:
 def read_manifest(path: str | Path, video_root: str | Path | None = None, require_question: bool = True
                   ) -> list[Question]:
     """Parse and check a manifest. Relative video paths resolve against `video_root` (default: the
-    manifest's folder)."""
+    manifest's folder) into absolute paths, so workers running elsewhere find them."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path}: no such file")
-    root = Path(video_root) if video_root is not None else path.parent
+    root = Path(video_root if video_root is not None else path.parent).expanduser().absolute()
     records = _read_records(path)
     problems: list[str] = []
     questions: list[Question] = []

@@ -247,3 +247,14 @@ def test_a_dead_worker_is_restarted_and_its_batch_retried(data, tmp_path):
     assert len(killed) == 1 and killed[0] < len(data["ids"])  # it died with work still to do
     assert sorted(r["id"] for r in done) == sorted(data["ids"])
     assert sum(r["error"] is None for r in done) == 5
+
+
+def test_demo_job_answers_next_to_the_ground_truth(tmp_path):
+    result = _run_cli("+experiment=demo", "demo.videos=1", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(tmp_path / "predictions.jsonl")
+    assert sorted(r["id"].split("-")[1] for r in rows) == ["color", "color", "count", "direction", "half",
+                                                            "shape"]
+    assert [r["id"] for r in rows if r["error"]] == ["broken-color"]
+    assert all(r["answer"] and r["visual_tokens_kept"] == 8 * 17 for r in rows if not r["error"])
+    assert "(truth " in result.stdout and "overall" in result.stdout
