@@ -7,7 +7,9 @@ With the tiny model on 32 generated videos (one question each), side by side in 
   started (`ray_start` is reported apart);
 - each stage alone over the same videos in this process, as a Ray actor with num_cpus <= 1 runs it
   (one torch thread); the slowest of them bounds what a pipeline can reach.
-Every case runs torch with one thread, as Ray gives an actor with num_cpus <= 1.
+Every case runs torch with one thread, as Ray gives an actor with num_cpus <= 1, and decodes with one
+FFmpeg thread (`decode.threads=1`, the default), so that each stage's rate alone is what one core gives.
+(With FFmpeg's own thread count the decode actor oversubscribed the 2 cores: 0.62 instead of 0.85.)
 
 Rates: a run has a fixed start-up cost (Ray starts an actor process per stage, which imports torch and
 loads the model: seconds, while the tiny model's stages take milliseconds per video), so each runner

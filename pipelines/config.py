@@ -50,6 +50,7 @@ class DecodeConfig:
     max_frames: int = 64
     size: int | None = 224
     recover: bool = False  # leave out frames that cannot be decoded instead of failing the video
+    threads: int = 1  # decoder threads per video (0 = FFmpeg's choice); 1 matches a decode actor's 1 CPU
 
 
 @dataclass
@@ -184,6 +185,8 @@ def validate(job: JobConfig) -> None:
         problems.append(f"decode.num_frames={d.num_frames} must be >= 1")
     if d.strategy == "fps" and (d.fps is None or d.fps <= 0):
         problems.append(f"decode.strategy=fps needs decode.fps > 0 (got {d.fps})")
+    if d.threads < 0:
+        problems.append(f"decode.threads={d.threads} must be >= 0 (0 = FFmpeg's choice)")
     if d.max_frames < 1:
         problems.append(f"decode.max_frames={d.max_frames} must be >= 1")
     if d.size is not None and d.size < 1:

@@ -37,7 +37,8 @@ def stage_specs(job: JobConfig) -> list[StageSpec]:
     m, c, d, p = job.model, job.compression, job.decode, job.pipeline
     model = {"model": m.path, "dtype": m.dtype, "device": m.device}
     decode = {"num_frames": d.num_frames, "strategy": d.strategy, "backend": d.backend, "fps": d.fps,
-              "max_frames": d.max_frames, "size": d.size, "recover": d.recover}
+              "max_frames": d.max_frames, "size": d.size, "recover": d.recover,
+              "threads": d.threads}
     encode = {"compression": c.method, "dominant": c.dominant, "contextual": c.contextual,
               "temporal": c.temporal.enabled, "threshold": c.temporal.threshold,
               "max_tokens": c.temporal.max_tokens, "frame_batch_size": job.resources.frame_batch_size,

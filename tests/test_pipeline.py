@@ -94,11 +94,12 @@ def test_config_rejects_bad_keys_types_and_values():
     assert compose_job("compression=visionzip_temporal", "compression.temporal.max_tokens=24")
     with pytest.raises(ValueError) as err:
         compose_job("compression.dominant=250", "compression.contextual=10", "decode.num_frames=0",
-                    "decode.backend=opencv")
+                    "decode.backend=opencv", "decode.threads=-1")
     message = str(err.value)
     assert "250 + 10 = 260 exceeds the 257 tokens" in message
     assert "decode.num_frames=0 must be >= 1" in message
     assert "decode.backend='opencv' is not one of pyav, decord" in message
+    assert "decode.threads=-1 must be >= 0" in message
 
 
 def test_local_runner_writes_one_row_per_question_with_error_rows(data, tmp_path):
