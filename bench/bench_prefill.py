@@ -32,7 +32,6 @@ Run: .venv/bin/python -m bench.bench_prefill [--layers 2] [--repeats 3] [--threa
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 from pathlib import Path
@@ -47,12 +46,11 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaMo
 
 from bench.common import (  # noqa: E402
     CACHE_DIR,
+    added_memory,
     goal,
     interleaved_medians,
     json_from_subprocess,
     print_table,
-    reset_peak_rss,
-    status_mb,
     write_result,
 )
 from stages.answer import AnswerStage  # noqa: E402
@@ -163,12 +161,7 @@ def tower_seconds(repeats: int) -> dict[str, float]:
 def measure_memory(tokens: int, layers: int) -> dict:
     """One prefill of `tokens` in this (fresh) process; the peak is reset after building the layers."""
     model, embeds = llama_layers(layers), prompt(tokens)
-    gc.collect()
-    loaded = reset_peak_rss()
-    with torch.inference_mode():
-        model(inputs_embeds=embeds, use_cache=True)
-    peak = status_mb("VmHWM")
-    return {"peak_rss_mb": round(peak, 1), "added_mb": round(peak - loaded, 1)}
+    return added_memory(lambda: model(inputs_embeds=embeds, use_cache=True))
 
 
 def main() -> None:

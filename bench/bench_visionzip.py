@@ -16,7 +16,6 @@ Run: .venv/bin/python -m bench.bench_visionzip [--repeats 5]   (3-5 minutes on 2
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -32,12 +31,11 @@ import torch  # noqa: E402
 from transformers import CLIPVisionConfig, CLIPVisionModel  # noqa: E402
 
 from bench.common import (  # noqa: E402
+    added_memory,
     goal,
     interleaved_medians,
     json_from_subprocess,
     print_table,
-    reset_peak_rss,
-    status_mb,
     write_result,
 )
 from visionzip import zip_clip, zip_tokens  # noqa: E402
@@ -97,12 +95,7 @@ def measure_memory(name: str) -> dict:
     """Run one case once in this (fresh) process; peak RSS is reset after loading, so only the case counts."""
     tower = build("eager" if name == "official" else "sdpa")
     case, pixels = make_case(name, tower), pixel_values()
-    gc.collect()
-    loaded = reset_peak_rss()
-    with torch.inference_mode():
-        case(pixels)
-    peak = status_mb("VmHWM")
-    return {"peak_rss_mb": round(peak, 1), "added_mb": round(peak - loaded, 1)}
+    return added_memory(lambda: case(pixels))
 
 
 def main() -> None:

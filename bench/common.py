@@ -5,6 +5,7 @@ Format: ../shared/docs/benchmarks.md. Every bench writes bench/results/<name>.js
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -49,6 +50,17 @@ def reset_peak_rss() -> float:
     measured next in a fresh process counts only what it adds."""
     Path("/proc/self/clear_refs").write_text("5")
     return status_mb("VmRSS")
+
+
+def added_memory(case: Callable[[], object]) -> dict:
+    """Peak RSS while `case` runs (under inference mode) and what it adds to the RSS before it, in MiB.
+    Meant for a fresh process that has just built the case's inputs (see `json_from_subprocess`)."""
+    gc.collect()
+    loaded = reset_peak_rss()
+    with torch.inference_mode():
+        case()
+    peak = status_mb("VmHWM")
+    return {"peak_rss_mb": round(peak, 1), "added_mb": round(peak - loaded, 1)}
 
 
 def json_from_subprocess(module: str, *args: str) -> dict:

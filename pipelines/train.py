@@ -52,7 +52,7 @@ from pipelines.synth import (
     training_samples,
 )
 from stages.answer import PROMPT, AnswerStage
-from stages.model import tiny_tokenizer
+from stages.model import tiny_tokenizer, video_llava_config
 from stages.preprocess import ClipPreprocess
 from visionzip import clip_selection_layer_outputs
 from visionzip.video_llava import feature_layer, frame_features, project
@@ -75,16 +75,7 @@ def synth_config(tokenizer: PreTrainedTokenizerBase, width: int = 128, lm_width:
         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )  # fmt: skip
-    tokens = (FRAME_SIZE // PATCH) ** 2
-    return VideoLlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-        vision_feature_layer=-2,
-        image_seq_length=tokens,
-        video_seq_length=NUM_FRAMES * (tokens + 1),
-    )
+    return video_llava_config(tokenizer, vision, text, frames=NUM_FRAMES)
 
 
 def new_model(seed: int, **sizes: int) -> tuple[VideoLlavaForConditionalGeneration, PreTrainedTokenizerBase]:
@@ -159,8 +150,20 @@ def _batches(stream: Iterator[TrainingSample], size: int) -> Iterator[list[Train
         yield [next(stream) for _ in range(size)]
 
 
-def _lr(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10%."""
+def _optimizer_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor, lr: float) -> float:
+    """One update at learning rate `lr`, gradients clipped to norm 1; returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+
+
+def _lr(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up (a tenth of the steps, at most 100), then cosine decay to 10%."""
+    warmup = min(100, steps // 10 + 1)
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
@@ -180,14 +183,8 @@ def pretrain_tower(model: VideoLlavaForConditionalGeneration, steps: int, clips:
     losses = []
     start = time.perf_counter()
     for step, batch in zip(range(steps), _batches(training_samples(seed), clips), strict=False):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
         loss = heads.loss(selection_features(model, pixels_of(batch)), frame_label_batch(batch))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(_optimizer_step(opt, params, loss, _lr(step, steps, lr)))
         if log_every and (step + 1) % log_every == 0:
             log.info("tower step %d/%d loss %.4f (%.0f s)", step + 1, steps, np.mean(losses[-log_every:]),
                      time.perf_counter() - start)
@@ -290,17 +287,11 @@ def train_lm(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTok
     losses = []
     start = time.perf_counter()
     for step, batch in zip(range(steps), _batches(training_samples(seed), clips), strict=False):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
         target = answer_ids(tokenizer, [q.answer for s in batch for q in s.questions])
         logits = shared_prefix_logits(model, tokenizer, batch, target, compression)
         labels = torch.stack([target, torch.full_like(target, eos)], 1)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(_optimizer_step(opt, params, loss, _lr(step, steps, lr)))
         if log_every and (step + 1) % log_every == 0:
             log.info("lm step %d/%d loss %.4f (%.0f s)", step + 1, steps, np.mean(losses[-log_every:]),
                      time.perf_counter() - start)

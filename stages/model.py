@@ -169,14 +169,23 @@ def tiny_config(tokenizer: PreTrainedTokenizerBase) -> VideoLlavaConfig:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )  # fmt: skip
+    return video_llava_config(tokenizer, vision, text)
+
+
+def video_llava_config(
+    tokenizer: PreTrainedTokenizerBase, vision: CLIPVisionConfig, text: LlamaConfig, frames: int = 8
+) -> VideoLlavaConfig:
+    """A Video-LLaVA config around a CLIP tower and a Llama, wired as the real one: the tokenizer's
+    <image>/<video> tokens, layer -2, and placeholder counts for `frames` frames (CLS kept for video)."""
+    patches = (vision.image_size // vision.patch_size) ** 2
     return VideoLlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         vision_feature_layer=-2,
-        image_seq_length=256,
-        video_seq_length=8 * 257,
+        image_seq_length=patches,
+        video_seq_length=frames * (patches + 1),
     )
 
 
