@@ -55,6 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.batch import is_missing
+
 BACKENDS = {"pyav": "stages.decode_pyav:PyAVReader", "decord": "stages.decode_decord:DecordReader"}
 DEFAULT_BACKEND = "pyav"  # faster for sparse requests on long videos: see bench/results/decode.json
 STRATEGIES = ("uniform", "fps", "indices")
@@ -275,9 +277,7 @@ def _optional_seconds(column: object, row: int) -> float | None:
     if column is None:
         return None
     value = column[row]
-    if value is None or (isinstance(value, float | np.floating) and math.isnan(value)):
-        return None
-    return float(value)
+    return None if is_missing(value) else float(value)
 
 
 class DecodeStage:
