@@ -63,10 +63,28 @@ class GenerationConfig:
 
 
 @dataclass
+class TuneConfig:
+    """`pipeline=tune`: projector-only tuning on compressed tokens (`pipelines.tune`)."""
+
+    out: str | None = None  # folder: projector.safetensors (model.projector_path), checkpoint, tune.json
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # questions per forward pass
+    grad_accum: int = 1  # forward passes per optimizer step
+    lr: float = 2e-5  # peak learning rate (LLaVA-1.5's fine-tuning rate)
+    warmup_steps: int = 30  # linear warm-up, then cosine decay to zero
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 100  # steps between checkpoints (projector + optimizer state)
+    resume: bool = True  # continue from `out`'s checkpoint when there is one
+    seed: int = 0  # order of the questions
+
+
+@dataclass
 class PipelineConfig:
     task: str = "qa"
     caption_prompt: str = "Describe the video in detail."
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 @dataclass
@@ -135,7 +153,7 @@ CHOICES = {
     "decode.backend": ("pyav", "decord"),
     "decode.strategy": ("uniform", "fps"),
     "model.dtype": ("bfloat16", "float16", "float32"),
-    "pipeline.task": ("qa", "caption"),
+    "pipeline.task": ("qa", "caption", "tune"),
 }
 
 
@@ -201,6 +219,18 @@ def validate(job: JobConfig) -> None:
             f"sampling needs pipeline.generation.temperature > 0 and 0 < top_p <= 1 "
             f"(got {g.temperature}, {g.top_p})"
         )
+    t = job.pipeline.tune
+    if job.pipeline.task == "tune":
+        if not t.out:
+            problems.append("pipeline.tune.out must name the folder the tuned projector goes to")
+        for key in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(t, key) < 1:
+                problems.append(f"pipeline.tune.{key}={getattr(t, key)} must be >= 1")
+        if t.lr <= 0 or t.warmup_steps < 0 or t.weight_decay < 0 or t.max_grad_norm <= 0:
+            problems.append(
+                f"pipeline.tune needs lr > 0, warmup_steps >= 0, weight_decay >= 0 and max_grad_norm > 0 "
+                f"(got {t.lr}, {t.warmup_steps}, {t.weight_decay}, {t.max_grad_norm})"
+            )
     for name in ("decode", "encode", "answer"):
         r: StageResources = getattr(job.resources, name)
         if r.num_cpus < 0 or (r.num_gpus or 0) < 0:

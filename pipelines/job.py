@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def run_job(job: JobConfig) -> dict:
-    """Run the job described by a validated config and return its summary."""
+    """Run the job described by a validated config and return its summary (`pipeline=tune`: tune the
+    projector instead, see `pipelines.tune`)."""
     if job.demo.enabled:
         from pipelines.demo import write_demo_data
 
@@ -36,6 +37,10 @@ def run_job(job: JobConfig) -> dict:
         build_tiny_video_llava(local_model)
     if os.path.isdir(local_model):  # workers may run in another folder: give them an absolute path
         job.model.path = os.path.abspath(local_model)
+    if job.pipeline.task == "tune":
+        from pipelines.tune import run_tune
+
+        return run_tune(job)
     questions = read_manifest(job.data.manifest, job.data.video_root,
                               require_question=job.pipeline.task == "qa")
     sink = OutputSink(job.output.path, overwrite=job.output.overwrite)

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     CLIPVisionConfig,
@@ -214,6 +213,43 @@ class Compression:
 FULL = Compression()
 
 
+@dataclass(frozen=True)
+class TokenSubsets:
+    """Training-time augmentation: the LLM reads a random subset of each frame's patch tokens.
+
+    A small LLM trained on full frames only learns to find an object by where its token sits in the
+    sequence (token 37 of a frame is always the same place), and any token reduction then breaks it. A
+    7B LLM does not behave that way; showing this one random subsets (CLS always kept, patches in raster
+    order, a different count per frame, as temporal merging gives) makes it read what a token shows and
+    where (the tower encodes row and column in each patch), not its index. The subsets are drawn
+    uniformly, blind to content, so they favour no selection rule: `random` selection is exactly this
+    distribution, VisionZip is not. `full` of the steps see every token; otherwise each frame keeps
+    `k` patches, k log-uniform in [1, all] (shared by the step's clips so that they batch).
+    """
+
+    full: float = 0.25
+
+
+def token_subsets(features: torch.Tensor, clips: int, augment: TokenSubsets,
+                  generator: torch.Generator) -> torch.Tensor:
+    """[clips * T, N, D] per-frame tokens -> [clips, M, D]: every token, or CLS + a random subset of
+    patches per frame (see `TokenSubsets`), frames in order."""
+    frames, n, dim = features.shape
+    if torch.rand((), generator=generator) < augment.full:
+        return features.reshape(clips, -1, dim)
+    per_clip = frames // clips
+    patches = n - 1
+    keep = torch.exp(torch.rand(per_clip, generator=generator) * np.log(patches)).round().long()
+    keep = keep.clamp(1, patches)
+    order = torch.rand(frames, patches, generator=generator).argsort(dim=1) + 1
+    parts = []
+    for t in range(per_clip):
+        index = order[t::per_clip, : keep[t]].sort(dim=1).values
+        index = torch.cat([torch.zeros(clips, 1, dtype=torch.long), index], dim=1)
+        parts.append(features[t::per_clip].gather(1, index[..., None].expand(-1, -1, dim)))
+    return torch.cat(parts, dim=1)
+
+
 def visual_features(model: VideoLlavaForConditionalGeneration, samples: list[TrainingSample],
                     compression: Compression = FULL) -> torch.Tensor:
     """Per-frame tokens before the projector [B * T, K, D], without gradients (the tower is frozen after
@@ -227,17 +263,21 @@ def visual_features(model: VideoLlavaForConditionalGeneration, samples: list[Tra
 
 def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
                          samples: list[TrainingSample], targets: torch.Tensor,
-                         compression: Compression = FULL) -> torch.Tensor:
+                         augment: TokenSubsets | None = None,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
     """Logits [B * Q, 2, vocab] for every question of every clip: at the prompt's last token (predicts
     the answer) and at the answer token (predicts EOS); `targets` [B * Q] are the answer tokens.
 
     Every prompt of a clip starts with the same tokens (`USER: <video>\n`), so the LLM reads that long
     prefix (the visual tokens) once per clip and each question continues from its key/value cache: the
     same numbers as one prompt at a time (causal attention), Q times cheaper. The tower runs without
-    gradients (frozen in phase 2); the projector and the LLM with them.
+    gradients (frozen in phase 2); the projector and the LLM with them. `augment` (with its `generator`)
+    shows the LLM random token subsets, see `TokenSubsets`.
     """
-    visual = project(model, visual_features(model, samples, compression))
-    visual = visual.unflatten(0, (len(samples), -1)).flatten(1, 2)  # [B, M, H]
+    features = visual_features(model, samples)
+    if augment is not None:
+        features = token_subsets(features, len(samples), augment, generator)
+    visual = project(model, features.reshape(len(samples), -1, features.shape[-1]))  # [B, M, H]
     texts = [PROMPT.format(question=q.question) for s in samples for q in s.questions]
     ids = [tokenizer(t).input_ids for t in texts]
     common = next(i for i in range(min(map(len, ids))) if len({row[i] for row in ids}) > 1)
@@ -269,26 +309,23 @@ def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: P
 def train_lm(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, steps: int,
              clips: int = 8, lr: float = 1e-3, seed: int = 1, log_every: int = 25,
              eval_every: int = 0, eval_samples: list[TrainingSample] | None = None,
-             save_to: str | Path | None = None, compression: Compression = FULL,
-             projector_only: bool = False) -> list[float]:
+             save_to: str | Path | None = None, augment: TokenSubsets | None = None) -> list[float]:
     """Phase 2 (see module doc): answer token + EOS loss, tower frozen, `clips` clips (x 5 questions)
     per step. Every `eval_every` steps: accuracy on `eval_samples` logged, checkpoint saved to `save_to`.
-    `projector_only` with a `compression` is the paper's efficient tuning: only the multimodal projector
-    learns, on the compressed tokens; every other weight stays bit-identical. Returns the step losses."""
-    if projector_only:
-        model.requires_grad_(False)
-        model.model.multi_modal_projector.requires_grad_(True)
+    `augment`: random token subsets (`TokenSubsets`) instead of all tokens. Returns the step losses.
+    (Projector-only tuning on compressed tokens is `pipeline=tune`, `pipelines.tune`.)"""
     model.model.video_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
     eos = tokenizer.eos_token_id
     model.train()
     losses = []
     start = time.perf_counter()
     for step, batch in zip(range(steps), _batches(training_samples(seed), clips), strict=False):
         target = answer_ids(tokenizer, [q.answer for s in batch for q in s.questions])
-        logits = shared_prefix_logits(model, tokenizer, batch, target, compression)
+        logits = shared_prefix_logits(model, tokenizer, batch, target, augment, generator)
         labels = torch.stack([target, torch.full_like(target, eos)], 1)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
         losses.append(_optimizer_step(opt, params, loss, _lr(step, steps, lr)))
@@ -296,11 +333,9 @@ def train_lm(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTok
             log.info("lm step %d/%d loss %.4f (%.0f s)", step + 1, steps, np.mean(losses[-log_every:]),
                      time.perf_counter() - start)
         if eval_every and eval_samples and (step + 1) % eval_every == 0:
-            accuracy = quick_accuracy(model, tokenizer, eval_samples, compression=compression)
+            accuracy = quick_accuracy(model, tokenizer, eval_samples)
             log.info("lm step %d accuracy %s", step + 1, json.dumps(accuracy))
-            if save_to is not None and projector_only:
-                save_projector(model, save_to)
-            elif save_to is not None:
+            if save_to is not None:
                 save_checkpoint(model, tokenizer, save_to)
             model.train()
     model.eval()
@@ -381,15 +416,6 @@ def write_metrics(folder: str | Path) -> dict:
     return metrics
 
 
-def save_projector(model: VideoLlavaForConditionalGeneration, folder: str | Path) -> Path:
-    """The multimodal projector's weights alone (float32 safetensors): what projector tuning changes."""
-    path = Path(folder) / "projector.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    weights = model.model.multi_modal_projector.state_dict()
-    save_file({k: v.detach().float().contiguous() for k, v in weights.items()}, str(path))
-    return path
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the synthetic-QA Video-LLaVA (see module doc).")
     parser.add_argument("--out", default="models/synth", help="checkpoint folder")
@@ -400,35 +426,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lm-steps", type=int, default=1200)
     parser.add_argument("--lm-clips", type=int, default=8, help="clips (x 5 questions) per LM step")
     parser.add_argument("--lm-lr", type=float, default=1e-3)
+    parser.add_argument("--full-fraction", type=float, default=None,
+                        help="train the LLM on random token subsets, all tokens in this fraction of the "
+                             "steps (see TokenSubsets); default: all tokens always")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tower-out", default=".cache/synth-tower", help="where phase 1's model goes")
     parser.add_argument("--tower-from", default=None, help="skip phase 1: load the tower of this checkpoint")
     parser.add_argument("--score", default=None, help="only (re)write metrics.json of this checkpoint")
-    parser.add_argument("--tune-from", default=None,
-                        help="projector-only tuning of this checkpoint on compressed tokens (--compression, "
-                             "--dominant, --contextual, --lm-steps, --lm-lr): OUT/projector.safetensors")
-    parser.add_argument("--compression", default="visionzip", help="method for --tune-from")
-    parser.add_argument("--dominant", type=int, default=4)
-    parser.add_argument("--contextual", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     if args.score:
         log.info("fixed-set metrics %s", json.dumps(write_metrics(args.score)))
-        return
-    if args.tune_from:
-        from stages.model import load_video_llava
-
-        model, tokenizer = load_video_llava(args.tune_from, dtype="float32", device="cpu")
-        compression = Compression(args.compression, args.dominant, args.contextual)
-        eval_samples = [synth_sample(args.seed + 999_999, i) for i in range(40)]
-        before = quick_accuracy(model, tokenizer, eval_samples, 8, compression)
-        log.info("before tuning %s", json.dumps(before))
-        train_lm(model, tokenizer, args.lm_steps, args.lm_clips, args.lm_lr, seed=args.seed + 2,
-                 eval_every=args.eval_every, eval_samples=eval_samples, save_to=args.out,
-                 compression=compression, projector_only=True)  # fmt: skip
-        log.info("written %s", save_projector(model, args.out))
         return
     model, tokenizer = new_model(args.seed)
     eval_samples = [synth_sample(args.seed + 999_999, i) for i in range(40)]
@@ -438,8 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         pretrain_tower(model, args.tower_steps, args.tower_clips, args.tower_lr, seed=args.seed)
         save_checkpoint(model, tokenizer, args.tower_out, torch.float32)
+    augment = None if args.full_fraction is None else TokenSubsets(args.full_fraction)
     train_lm(model, tokenizer, args.lm_steps, args.lm_clips, args.lm_lr, seed=args.seed + 1,
-             eval_every=args.eval_every, eval_samples=eval_samples, save_to=args.out)
+             eval_every=args.eval_every, eval_samples=eval_samples, save_to=args.out, augment=augment)
     log.info("final in-memory accuracy %s", json.dumps(quick_accuracy(model, tokenizer, eval_samples)))
     save_checkpoint(model, tokenizer, args.out)
     log.info("fixed-set metrics %s", json.dumps(write_metrics(args.out)))

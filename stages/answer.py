@@ -108,16 +108,26 @@ class AnswerStage:
         )
 
     def build_inputs(
-        self, embeds: Sequence[torch.Tensor | np.ndarray], questions: Sequence[str]
+        self,
+        embeds: Sequence[torch.Tensor | np.ndarray],
+        questions: Sequence[str],
+        answers: Sequence[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Left-padded `inputs_embeds` [B, L, H], `attention_mask` and `position_ids` for prompt i =
         questions[i] with embeds[i] ([M_i, H]) in place of its `<video>` token.
+
+        With `answers` (teacher forcing, for tuning) each prompt is followed by its answer's tokens and
+        EOS, and `labels` [B, L] holds those tokens where they sit (-100 elsewhere; HF's convention: the
+        logits at position p predict labels[p + 1]).
         """
-        if len(embeds) != len(questions):
-            raise ValueError(f"got {len(embeds)} visual embeddings for {len(questions)} questions")
+        if len(embeds) != len(questions) or (answers is not None and len(answers) != len(questions)):
+            raise ValueError(
+                f"got {len(embeds)} visual embeddings for {len(questions)} questions"
+                + ("" if answers is None else f" and {len(answers)} answers")
+            )
         embed_tokens = self.model.get_input_embeddings()
         hidden, device, dtype = embed_tokens.embedding_dim, self.model.device, self.model.dtype
-        sequences = []
+        sequences, targets = [], []
         for i, (visual, question) in enumerate(zip(embeds, questions, strict=True)):
             if not isinstance(question, str):
                 raise ValueError(f"question {i} must be a string, got {type(question).__name__}")
@@ -125,21 +135,43 @@ class AnswerStage:
             if visual.dim() != 2 or visual.shape[1] != hidden or len(visual) == 0:
                 shape = tuple(visual.shape)
                 raise ValueError(f"visual embeddings {i} must be [M >= 1, {hidden}], got {shape}")
-            ids = self.tokenizer(self.prompt.format(question=question), return_tensors="pt").input_ids[0]
+            prompt = self.prompt.format(question=question)
+            ids = self.tokenizer(prompt, return_tensors="pt").input_ids[0]
             at = (ids == self.model.config.video_token_id).nonzero().flatten()
             if len(at) != 1:
                 raise ValueError(f"question {i} must not contain {self.video_token}: {question!r}")
+            answer = None if answers is None else self.answer_ids(prompt, answers[i], i)
+            if answer is not None:
+                ids = torch.cat([ids, answer])
             text = embed_tokens(ids.to(device))
             visual = visual.to(device, dtype)
             sequences.append(torch.cat([text[: at[0]], visual, text[at[0] + 1 :]]))
+            targets.append(answer)
         length = max(len(seq) for seq in sequences)
         inputs = torch.zeros(len(sequences), length, hidden, device=device, dtype=dtype)
         mask = torch.zeros(len(sequences), length, device=device, dtype=torch.long)
-        for row, seq in enumerate(sequences):
+        labels = torch.full((len(sequences), length), -100, device=device, dtype=torch.long)
+        for row, (seq, answer) in enumerate(zip(sequences, targets, strict=True)):
             inputs[row, length - len(seq) :] = seq
             mask[row, length - len(seq) :] = 1
+            if answer is not None:
+                labels[row, length - len(answer) :] = answer.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {"inputs_embeds": inputs, "attention_mask": mask, "position_ids": positions}
+        out = {"inputs_embeds": inputs, "attention_mask": mask, "position_ids": positions}
+        return out if answers is None else {**out, "labels": labels}
+
+    def answer_ids(self, prompt: str, answer: str, index: int = 0) -> torch.Tensor:
+        """The tokens that follow `prompt` when the model answers `answer`, then EOS: the tokens of
+        `prompt + " " + answer` beyond the prompt's own (so the split is the tokenizer's, as in
+        generation). Raises ValueError naming `index` when the answer is empty or the prompt's tokens
+        are not a prefix of the joined text's."""
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError(f"answer {index} must be a non-empty string, got {answer!r}")
+        prompt_ids = self.tokenizer(prompt).input_ids
+        joined = self.tokenizer(f"{prompt} {answer.strip()}").input_ids
+        if joined[: len(prompt_ids)] != prompt_ids or len(joined) == len(prompt_ids):
+            raise ValueError(f"answer {index} ({answer!r}) does not tokenize as a continuation of the prompt")
+        return torch.tensor([*joined[len(prompt_ids) :], self.tokenizer.eos_token_id])
 
     @torch.inference_mode()
     def answer(self, embeds: Sequence[torch.Tensor | np.ndarray], questions: Sequence[str]) -> list[Answer]:

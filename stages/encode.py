@@ -93,32 +93,42 @@ class EncodeStage:
 
         Raises ValueError naming the video when its frames are not such an array.
         """
+        start = time.perf_counter()
+        kept = self.compressed_tokens(videos)
+        if not kept:
+            return []
+        embeds = project(self.model, torch.cat(kept)).split([len(tokens) for tokens in kept])
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        seconds = time.perf_counter() - start
+        counts = [len(frames) for frames in videos]
+        per_frame = self.full_per_frame if self.compression == "none" else self.dominant + self.contextual
+        return [
+            EncodedVideo(
+                embeds=emb,
+                visual_tokens_full=n * self.full_per_frame,
+                visual_tokens_after_zip=n * per_frame,
+                visual_tokens_kept=len(emb),
+                encode_seconds=seconds * n / sum(counts),
+            )
+            for emb, n in zip(embeds, counts, strict=True)
+        ]
+
+    @torch.inference_mode()
+    def compressed_tokens(self, videos: Sequence[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
+        """Each video's tokens before the projector, [M, vision_hidden] in the model's dtype: the tower's
+        selection-layer tokens after VisionZip (or a control) and temporal merging. `encode` projects
+        them; projector tuning (`pipelines.tune`) trains on them."""
         videos = [check_frames(frames, f"frames of video {i}") for i, frames in enumerate(videos)]
         if not videos:
             return []
-        start = time.perf_counter()
         device, dtype = self.model.device, self.model.dtype
         pixels = torch.cat([self.preprocess(frames, device, dtype) for frames in videos])
         features = torch.cat([
             frame_features(self.model, chunk, self.compression, self.dominant, self.contextual)
             for chunk in pixels.split(self.frame_batch_size)
         ])  # fmt: skip
-        counts = [len(frames) for frames in videos]
-        kept = [self._merge(per_video) for per_video in features.split(counts)]
-        embeds = project(self.model, torch.cat(kept)).split([len(tokens) for tokens in kept])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        return [
-            EncodedVideo(
-                embeds=emb,
-                visual_tokens_full=n * self.full_per_frame,
-                visual_tokens_after_zip=n * features.shape[1],
-                visual_tokens_kept=len(emb),
-                encode_seconds=seconds * n / sum(counts),
-            )
-            for emb, n in zip(embeds, counts, strict=True)
-        ]
+        return [self._merge(per_video) for per_video in features.split([len(frames) for frames in videos])]
 
     def _merge(self, features: torch.Tensor) -> torch.Tensor:
         """[T, K, D] -> [M, D]: temporal merging when enabled (CLS of each frame protected), else flatten."""

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -120,6 +120,19 @@ def load_projector(model: VideoLlavaForConditionalGeneration, path: str | os.Pat
             f"projector {str(path)!r}: weights {got} do not fit this model's projector {expected}"
         )
     projector.load_state_dict({k: v.to(device=model.device, dtype=model.dtype) for k, v in weights.items()})
+
+
+def save_projector(model: VideoLlavaForConditionalGeneration, folder: str | Path) -> Path:
+    """The multimodal projector's weights alone (float32 safetensors) as FOLDER/projector.safetensors:
+    what projector tuning changes, for `load_projector` (`model.projector_path`). Written to a temporary
+    file first and renamed, so a crash never leaves a torn file."""
+    path = Path(folder) / "projector.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = model.model.multi_modal_projector.state_dict()
+    partial = path.with_suffix(".partial")
+    save_file({k: v.detach().float().contiguous() for k, v in weights.items()}, str(partial))
+    os.replace(partial, path)
+    return path
 
 
 # Word pieces of the tiny tokenizer: the chat template and the demo's prompts tokenise to whole words.

@@ -393,7 +393,7 @@ def test_stages_loading_their_own_model_keep_only_their_half(tiny_dir, tiny):
 
 
 def test_encoder_uses_a_tuned_projector(tiny_dir, tmp_path):
-    from pipelines.train import save_projector
+    from stages.model import save_projector
 
     tuned, _ = load_video_llava(tiny_dir, dtype="float32", device="cpu")
     with torch.no_grad():

@@ -1,0 +1,219 @@
+"""Projector tuning (`pipeline=tune`): VisionZip's efficient tuning, from a manifest with answers.
+
+A Video-LLaVA trained on full frames reads a few hundred compressed tokens that it never saw in training.
+The paper closes part of that gap by fine-tuning only the multimodal projector on compressed tokens, with
+the answer tokens' loss and everything else frozen. Here:
+
+1. Every video of the manifest is decoded and encoded once (the job's decode and compression settings,
+   through `DecodeStage` and `EncodeStage.compressed_tokens`): the tower is frozen and the compression is
+   deterministic, so the tokens before the projector are fixed and kept (on the CPU) for all steps. A
+   video that fails is left out and listed in `tune.json`; the rest train.
+2. The projector is trained in float32 (a bf16 copy loses small updates), its output cast to the LLM's
+   dtype; the LLM reads the answer stage's own prompt (`AnswerStage.build_inputs` with the answers, so
+   training and answering build the same sequence), and the loss is the cross-entropy of the answer's
+   tokens and EOS. AdamW, linear warm-up then cosine decay, gradients accumulated over `grad_accum`
+   forward passes and clipped.
+3. Every `checkpoint_every` steps and at the end, OUT/projector.safetensors (what `model.projector_path`
+   loads) and OUT/tune_state.pt (projector, optimizer, step, losses) are written, each by rename, so a
+   killed job resumes from its last checkpoint: the questions of step s are a pure function of
+   (`seed`, s), so a resumed run takes the same steps an uninterrupted one would.
+
+It runs in this process, on the model's device (`model.device=auto`: the GPU when there is one), whatever
+`runner` says: training is one process. `stages.model.load_projector` checks the shapes on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase, VideoLlavaForConditionalGeneration
+
+from pipelines.config import JobConfig, TuneConfig
+from pipelines.manifest import ManifestError, Question, group_by_video, read_manifest
+from pipelines.runner import batches_of, item_rows, stage_specs
+from stages.answer import AnswerStage
+from stages.batch import errors_of
+from stages.decode import DecodeStage
+from stages.encode import EncodeStage
+from stages.model import load_projector, load_video_llava, save_projector
+
+log = logging.getLogger(__name__)
+STATE = "tune_state.pt"
+
+
+def run_tune(job: JobConfig) -> dict:
+    """Tune the projector as `job.pipeline.tune` says; returns the summary also written to OUT/tune.json."""
+    cfg = job.pipeline.tune
+    out = Path(cfg.out)
+    questions = read_manifest(job.data.manifest, job.data.video_root)
+    unanswered = [q.id for q in questions if not (q.answer or "").strip()]
+    if unanswered:
+        raise ManifestError(
+            f"manifest {job.data.manifest}: tuning needs an answer for every question; none for "
+            f"{len(unanswered)} ids: {', '.join(unanswered[:10])}{' ...' if len(unanswered) > 10 else ''}"
+        )
+    model, tokenizer = load_video_llava(job.model.path, dtype=job.model.dtype, device=job.model.device)
+    if job.model.projector_path:
+        load_projector(model, job.model.projector_path)
+    start = time.perf_counter()
+    tokens, examples, errors = compressed_examples(job, model, questions)
+    if not examples:
+        raise RuntimeError(f"no video of {job.data.manifest} could be encoded: {errors}")
+    log.info("tuning the projector on %d questions about %d videos (%d videos failed)", len(examples),
+             len(tokens), len(errors))
+    fingerprint = {"manifest": str(Path(job.data.manifest).resolve()), "questions": len(examples),
+                   "compression": asdict(job.compression), "model": job.model.path,
+                   "tune": {k: v for k, v in asdict(cfg).items()
+                            if k not in ("out", "resume", "checkpoint_every")}}
+    losses = tune_projector(model, tokenizer, tokens, examples, cfg, fingerprint)
+    summary = {"projector": str(out / "projector.safetensors"), "steps": cfg.steps,
+               "questions": len(examples), "videos": len(tokens), "errors": errors,
+               "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+               "seconds": time.perf_counter() - start, **fingerprint}
+    (out / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def tune_projector(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+                   tokens: list[torch.Tensor], examples: list[tuple[int, str, str]], cfg: TuneConfig,
+                   fingerprint: dict | None = None) -> list[float]:
+    """Train `model`'s projector (now float32) on `examples` (index into `tokens`, question, answer), all
+    other weights frozen; checkpoint into `cfg.out`, resuming from its checkpoint when `cfg.resume` and
+    its `fingerprint` (what the run trains on, stored with the checkpoint) matches. Returns every step's
+    loss, those before a resume included."""
+    out = Path(cfg.out)
+    fingerprint = fingerprint or {}
+    projector = model.model.multi_modal_projector.float()
+    model.requires_grad_(False)
+    projector.requires_grad_(True)
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, losses = 0, []
+    if cfg.resume and (out / STATE).exists():
+        step, losses = _restore(out / STATE, projector, optimizer, fingerprint)
+        log.info("resuming %s at step %d of %d", out, step, cfg.steps)
+    answerer = AnswerStage(model, tokenizer)
+    order = QuestionOrder(len(examples), cfg.seed)
+    model.eval()
+    with tqdm(total=cfg.steps, initial=step, desc="tune", unit="step", file=sys.stderr) as progress:
+        while step < cfg.steps:
+            loss = 0.0
+            for part in range(cfg.grad_accum):
+                chosen = [examples[i] for i in
+                          order.batch((step * cfg.grad_accum + part) * cfg.batch_size, cfg.batch_size)]
+                batch_loss = answer_loss(model, answerer, [tokens[video] for video, _, _ in chosen],
+                                         [q for _, q, _ in chosen], [a for _, _, a in chosen])
+                (batch_loss / cfg.grad_accum).backward()
+                loss += batch_loss.item() / cfg.grad_accum
+            torch.nn.utils.clip_grad_norm_(projector.parameters(), cfg.max_grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg.steps, cfg.lr, cfg.warmup_steps)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _checkpoint(out, model, optimizer, step, losses, fingerprint)
+    return losses
+
+
+def compressed_examples(job: JobConfig, model: torch.nn.Module, questions: list[Question]
+                        ) -> tuple[list[torch.Tensor], list[tuple[int, str, str]], list[dict]]:
+    """Decode and compress the video of every question once: (tokens before the projector per video, on
+    the CPU; (video index, question, answer) per question; {"video", "ids", "error"} per failed video)."""
+    decode_spec, encode_spec, _ = stage_specs(job)
+    decode = DecodeStage(**decode_spec.kwargs)
+    skip = ("model", "dtype", "device", "projector_path")  # the loaded model already has its projector
+    encode = EncodeStage(model, **{k: v for k, v in encode_spec.kwargs.items() if k not in skip})
+    rows = item_rows(group_by_video(questions))
+    tokens: list[torch.Tensor] = []
+    examples: list[tuple[int, str, str]] = []
+    errors: list[dict] = []
+    for batch in batches_of(rows, decode_spec.resources.batch_size):
+        decoded = decode(batch)
+        video_errors = errors_of(decoded, len(decoded["frames"]))
+        for row, (frames, error) in enumerate(zip(decoded["frames"], video_errors, strict=True)):
+            if error is None:
+                try:
+                    kept = encode.compressed_tokens([frames])[0]
+                except Exception as err:  # noqa: BLE001 - one video's failure is listed, the rest train
+                    error = f"encode: {type(err).__name__}: {err}"
+            if error is not None:
+                errors.append({"video": batch["video"][row], "ids": list(batch["ids"][row]), "error": error})
+                continue
+            tokens.append(kept.cpu().clone())  # a normal tensor: autograd cannot use inference ones
+            examples += [(len(tokens) - 1, q, a)
+                         for q, a in zip(batch["questions"][row], batch["answers"][row], strict=True)]
+    return tokens, examples, errors
+
+
+def answer_loss(model: torch.nn.Module, answerer: AnswerStage, tokens: list[torch.Tensor],
+                questions: list[str], answers: list[str]) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens and EOS, the projector's output spliced into the prompt."""
+    projector = model.model.multi_modal_projector
+    embeds = [projector(t.to(model.device, torch.float32)).to(model.dtype) for t in tokens]
+    inputs = answerer.build_inputs(embeds, questions, answers)
+    labels = inputs.pop("labels")
+    logits = model(**inputs).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to zero at `steps`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class QuestionOrder:
+    """Epochs over n questions, each a seeded permutation: position p of the endless stream is question
+    perm(seed, p // n)[p % n], so any step's questions follow from (seed, step) alone."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._epochs: dict[int, list[int]] = {}
+
+    def batch(self, position: int, size: int) -> list[int]:
+        return [self._epoch(p // self.n)[p % self.n] for p in range(position, position + size)]
+
+    def _epoch(self, epoch: int) -> list[int]:
+        if epoch not in self._epochs:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epochs[epoch] = torch.randperm(self.n, generator=generator).tolist()
+        return self._epochs[epoch]
+
+
+def _checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                losses: list[float], fingerprint: dict) -> None:
+    save_projector(model, out)
+    state = {"step": step, "losses": losses, "fingerprint": fingerprint, "optimizer": optimizer.state_dict(),
+             "projector": model.model.multi_modal_projector.state_dict()}
+    partial = out / (STATE + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, out / STATE)
+
+
+def _restore(path: Path, projector: torch.nn.Module, optimizer: torch.optim.Optimizer, fingerprint: dict
+             ) -> tuple[int, list[float]]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"{path} is a checkpoint of another tuning run ({json.dumps(state['fingerprint'])}); this run is "
+            f"{json.dumps(fingerprint)}. Pass another pipeline.tune.out, or pipeline.tune.resume=false "
+            "to start over"
+        )
+    projector.load_state_dict(state["projector"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["losses"]

@@ -1,0 +1,154 @@
+"""Projector tuning (`pipeline=tune`): only the projector learns, the loss falls, checkpoints resume to
+the same weights, grad accumulation equals a bigger batch, bad inputs are named, and the tuned file is
+what a QA job loads with `model.projector_path`."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+import pipelines.tune as tune
+from pipelines.config import TuneConfig, register, to_job_config
+from pipelines.job import run_job
+from pipelines.manifest import ManifestError
+from pipelines.synth import write_dataset
+from pipelines.train import new_model, save_checkpoint
+from stages.model import load_video_llava
+
+ROOT = Path(__file__).resolve().parent.parent
+register()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """A small synth-shaped model (112 px, 65 tokens per frame), 4 clips x 5 questions, and the same
+    manifest with a row about a file that is not a video."""
+    root = tmp_path_factory.mktemp("tune")
+    model, tokenizer = new_model(5, width=32, lm_width=64, lm_layers=1)
+    folder = save_checkpoint(model, tokenizer, root / "model", torch.float32)
+    manifest = write_dataset(root / "clips", seed=11, clips=4)
+    (root / "clips" / "junk.mp4").write_bytes(b"not a video")
+    broken = root / "clips" / "with_junk.jsonl"
+    junk = {"id": "junk-color", "video": "junk.mp4", "question": "What color is the circle?", "answer": "red"}
+    broken.write_text(manifest.read_text() + json.dumps(junk) + "\n")
+    return {"model": folder, "manifest": manifest, "broken": broken, "root": root}
+
+
+def tune_job(data: dict, out: Path, *overrides: str, manifest: Path | None = None):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=[
+            "+experiment=synth", f"model.path={data['model']}", "model.dtype=float32",
+            f"data.manifest={manifest or data['manifest']}", "pipeline=tune", f"pipeline.tune.out={out}",
+            "pipeline.tune.steps=6", "pipeline.tune.batch_size=4", "pipeline.tune.lr=3e-3",
+            "pipeline.tune.warmup_steps=1", "pipeline.tune.checkpoint_every=2", "compression=visionzip",
+            "compression.dominant=4", "compression.contextual=1", f"output.path={out}/unused.jsonl",
+            *overrides,
+        ])  # fmt: skip
+    return to_job_config(cfg)
+
+
+def projector_of(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "projector.safetensors"))
+
+
+def test_tuning_through_the_job_lowers_the_loss_and_lists_the_bad_video(data, tmp_path):
+    # the shipped synth model: a randomly initialised LLM hardly responds to its projector
+    shipped = f"model.path={ROOT / 'models' / 'synth'}"
+    job = tune_job(data, tmp_path / "t", shipped, "pipeline.tune.steps=30", manifest=data["broken"])
+    summary = run_job(job)
+    assert (summary["questions"], summary["videos"]) == (20, 4)
+    assert [e["ids"] for e in summary["errors"]] == [["junk-color"]]
+    assert summary["errors"][0]["video"].endswith("junk.mp4")
+    assert "not a readable video" in summary["errors"][0]["error"]
+    losses = summary["losses"]
+    assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    written = json.loads((tmp_path / "t" / "tune.json").read_text())
+    assert written["loss_last"] == losses[-1] and written["compression"]["dominant"] == 4
+
+
+def test_only_the_projector_changes_and_a_qa_job_loads_it(data, tmp_path):
+    model, tokenizer = load_video_llava(data["model"], dtype="float32", device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = [torch.randn(8 * 5, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    examples = [(0, "What color is the circle?", "red"), (1, "How many objects are there?", "two")]
+    cfg = TuneConfig(out=str(tmp_path / "t"), steps=3, batch_size=2, lr=1e-2, warmup_steps=0)
+    tune.tune_projector(model, tokenizer, tokens, examples, cfg)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if k.startswith("model.multi_modal_projector.")}
+    saved = projector_of(tmp_path / "t")
+    assert all(torch.equal(saved[k], after[f"model.multi_modal_projector.{k}"]) for k in saved)
+    # the QA job answers with the tuned projector: its embeddings are the tuned projector's
+    from stages.encode import EncodeStage
+
+    plain = EncodeStage(data["model"], dtype="float32", device="cpu", compression="none")
+    tuned = EncodeStage(data["model"], dtype="float32", device="cpu", compression="none",
+                        projector_path=tmp_path / "t" / "projector.safetensors")  # fmt: skip
+    frames = torch.randint(0, 255, (8, 112, 112, 3), dtype=torch.uint8).numpy()
+    with torch.no_grad():
+        expected = model.model.multi_modal_projector(plain.compressed_tokens([frames])[0].clone())
+    torch.testing.assert_close(tuned.encode([frames])[0].embeds, expected)
+    assert not torch.allclose(plain.encode([frames])[0].embeds, tuned.encode([frames])[0].embeds)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(data, tmp_path, monkeypatch):
+    run_job(tune_job(data, tmp_path / "straight"))
+    real_loss, calls = tune.answer_loss, []
+
+    def dies_in_step_four(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(tune, "answer_loss", dies_in_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(tune_job(data, tmp_path / "killed"))
+    state = torch.load(tmp_path / "killed" / tune.STATE, weights_only=True)
+    assert state["step"] == 2  # the checkpoint every 2 steps; step 3 was lost with the process
+    monkeypatch.setattr(tune, "answer_loss", real_loss)
+    resumed = run_job(tune_job(data, tmp_path / "killed"))
+    straight = json.loads((tmp_path / "straight" / "tune.json").read_text())
+    assert resumed["losses"] == straight["losses"]
+    a, b = projector_of(tmp_path / "straight"), projector_of(tmp_path / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="checkpoint of another tuning run"):
+        run_job(tune_job(data, tmp_path / "killed", "pipeline.tune.lr=1e-3"))
+    fresh = run_job(tune_job(data, tmp_path / "killed", "pipeline.tune.lr=1e-3",
+                             "pipeline.tune.resume=false"))  # fmt: skip
+    assert fresh["losses"][0] == straight["losses"][0] and fresh["losses"][1:] != straight["losses"][1:]
+
+
+def test_gradient_accumulation_equals_one_bigger_batch(data, tmp_path):
+    one = run_job(tune_job(data, tmp_path / "one", "pipeline.tune.steps=2", "pipeline.tune.batch_size=8"))
+    two = run_job(tune_job(data, tmp_path / "two", "pipeline.tune.steps=2", "pipeline.tune.grad_accum=2"))
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)
+    a, b = projector_of(tmp_path / "one"), projector_of(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=5e-5, rtol=1e-4)  # Adam steps are ~lr = 3e-3
+
+
+def test_bad_tuning_inputs_are_named(data, tmp_path):
+    unanswered = tmp_path / "q.jsonl"
+    rows = [json.loads(line) for line in data["manifest"].read_text().splitlines()]
+    rows[1].pop("answer")
+    unanswered.write_text("".join(json.dumps({**r, "video": str(data["manifest"].parent / r["video"])}) + "\n"
+                                  for r in rows))  # fmt: skip
+    with pytest.raises(ManifestError, match=f"none for 1 ids: {rows[1]['id']}"):
+        run_job(tune_job(data, tmp_path / "t", manifest=unanswered))
+    with pytest.raises(ValueError, match=r"pipeline.tune.steps=0 must be >= 1"):
+        tune_job(data, tmp_path / "t", "pipeline.tune.steps=0")
+    with pytest.raises(ValueError, match=r"lr > 0"):
+        tune_job(data, tmp_path / "t", "pipeline.tune.lr=0")
+
+
+def test_question_order_is_a_function_of_seed_and_position():
+    order = tune.QuestionOrder(5, seed=3)
+    stream = order.batch(0, 15)
+    assert sorted(stream[:5]) == sorted(stream[5:10]) == list(range(5)) and stream[:5] != stream[5:10]
+    assert tune.QuestionOrder(5, seed=3).batch(7, 4) == stream[7:11]
+    assert tune.learning_rate(0, 10, 1.0, 2) == 0.5 and tune.learning_rate(2, 10, 1.0, 2) == 1.0
+    assert tune.learning_rate(10, 10, 1.0, 2) == pytest.approx(0.0)
