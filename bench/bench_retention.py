@@ -40,17 +40,25 @@ LOCALISED = ("color", "shape", "direction", "half")
 METHODS = ("visionzip", "visionzip+temporal", "dominant_only", "random", "pool")
 
 
-def settings() -> list[tuple[str, str, int, list[str]]]:
-    """(name, method, tokens per frame, Hydra overrides) for every row of the table."""
+def settings(threshold: float, sweep: list[float]) -> list[tuple[str, str, int, list[str]]]:
+    """(name, method, tokens per frame, Hydra overrides) for every row of the table: temporal merging at
+    `threshold`, and VisionZip + temporal merging at the paper's budget for each of `sweep` (rows
+    `visionzip+temporal@T-5`, method `temporal_sweep`, left out of the plot)."""
+    temporal = ["compression.temporal.enabled=true", f"compression.temporal.threshold={threshold}"]
     out = [("full", "full", 65, ["compression=none"]),
-           ("full+temporal", "full+temporal", 65, ["compression=none", "compression.temporal.enabled=true"])]
+           ("full+temporal", "full+temporal", 65, ["compression=none", *temporal])]
+    d, c = BUDGETS[PAPER_BUDGET]
+    paper = ["compression=visionzip_temporal", f"compression.dominant={d}", f"compression.contextual={c}"]
+    out += [(f"visionzip+temporal@{t}-{PAPER_BUDGET}", "temporal_sweep", PAPER_BUDGET,
+             [*paper, f"compression.temporal.threshold={t}"]) for t in sweep]  # fmt: skip
     for k, (d, c) in BUDGETS.items():
         zip_args = [f"compression.dominant={d}", f"compression.contextual={c}"]
         groups = {"visionzip": zip_args, "visionzip+temporal": zip_args, "random": zip_args, "pool": zip_args,
                   "dominant_only": [f"compression.dominant={k}"]}  # fmt: skip
         for method, args in groups.items():
             group = method.replace("+temporal", "_temporal")
-            out.append((f"{method}-{k}", method, k, [f"compression={group}", *args]))
+            extra = [f"compression.temporal.threshold={threshold}"] if method == "visionzip+temporal" else []
+            out.append((f"{method}-{k}", method, k, [f"compression={group}", *args, *extra]))
     return out
 
 
@@ -69,6 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", choices=sorted(HELDOUT), default="val500")
     parser.add_argument("--model", default="models/synth")
     parser.add_argument("--only", nargs="*", default=None, help="run only these settings (names)")
+    parser.add_argument("--temporal-threshold", type=float, default=0.9,
+                        help="cosine threshold of temporal merging in the table's temporal rows")
+    parser.add_argument("--temporal-sweep", type=float, nargs="*", default=[],
+                        help="also VisionZip + temporal merging at the paper's budget at each of these")
     args = parser.parse_args(argv)
     register()
     seed, clips = HELDOUT[args.set]
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     if not manifest.exists():
         write_dataset(data, seed, clips)
     rows = []
-    for name, method, per_frame, overrides in settings():
+    for name, method, per_frame, overrides in settings(args.temporal_threshold, args.temporal_sweep):
         if args.only and name not in args.only:
             continue
         result = run_setting(overrides, manifest, data / "out" / f"{name}.jsonl", args.model)
@@ -87,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         row["overall"] = result["overall"]["accuracy"]
         row["errors"] = result["overall"]["errors"]
         row["answer_s"] = result["answer_seconds_mean"]
+        row["threshold"] = next((float(o.split("=")[1]) for o in overrides
+                                 if o.startswith("compression.temporal.threshold=")), None)  # fmt: skip
         rows.append(row)
         print(f"{name}: {row['overall']:.3f}", file=sys.stderr, flush=True)
     by_name = {r["setting"]: r for r in rows}
@@ -95,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         r["retention"] = r["overall"] / full["overall"] if full and full["overall"] else None
         r["localised"] = sum(r[t] for t in LOCALISED) / len(LOCALISED)
     columns = ["setting", "tokens_per_frame", "visual_tokens", *QUESTION_TYPES, "overall", "retention"]
-    print_table(rows, [*columns, "answer_s", "errors"])
+    print_table(rows, [*columns, "threshold", "answer_s", "errors"])
     ratios, goals = goals_of(by_name)
     path = write_result("retention", rows, ratios, goals)
     png = plot(rows, RESULTS_DIR / "retention.png")

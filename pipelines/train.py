@@ -220,14 +220,16 @@ class TokenSubsets:
     A small LLM trained on full frames only learns to find an object by where its token sits in the
     sequence (token 37 of a frame is always the same place), and any token reduction then breaks it. A
     7B LLM does not behave that way; showing this one random subsets (CLS always kept, patches in raster
-    order, a different count per frame, as temporal merging gives) makes it read what a token shows and
-    where (the tower encodes row and column in each patch), not its index. The subsets are drawn
-    uniformly, blind to content, so they favour no selection rule: `random` selection is exactly this
-    distribution, VisionZip is not. `full` of the steps see every token; otherwise each frame keeps
-    `k` patches, k log-uniform in [1, all] (shared by the step's clips so that they batch).
+    order) makes it read what a token shows and where (the tower encodes row and column in each patch),
+    not its index. The subsets are drawn uniformly, blind to content, so they favour no selection rule:
+    `random` selection is exactly this distribution, VisionZip is not. `full` of the steps see every
+    token; otherwise a frame keeps k patches, k log-uniform in [1, all], one k for every frame of the
+    step's clips (`per_frame=False`: the regular layout that per-frame compression gives) or one per
+    frame (`per_frame=True`: uneven, as temporal merging gives).
     """
 
     full: float = 0.25
+    per_frame: bool = True
 
 
 def token_subsets(features: torch.Tensor, clips: int, augment: TokenSubsets,
@@ -239,8 +241,8 @@ def token_subsets(features: torch.Tensor, clips: int, augment: TokenSubsets,
         return features.reshape(clips, -1, dim)
     per_clip = frames // clips
     patches = n - 1
-    keep = torch.exp(torch.rand(per_clip, generator=generator) * np.log(patches)).round().long()
-    keep = keep.clamp(1, patches)
+    keep = torch.exp(torch.rand(per_clip if augment.per_frame else 1, generator=generator) * np.log(patches))
+    keep = keep.round().long().clamp(1, patches).expand(per_clip)
     order = torch.rand(frames, patches, generator=generator).argsort(dim=1) + 1
     parts = []
     for t in range(per_clip):

@@ -52,7 +52,8 @@ STATE = "tune_state.pt"
 
 
 def run_tune(job: JobConfig) -> dict:
-    """Tune the projector as `job.pipeline.tune` says; returns the summary also written to OUT/tune.json."""
+    """Tune the projector as `job.pipeline.tune` says; returns the summary written to OUT/tune.json, less
+    the loss of every step."""
     cfg = job.pipeline.tune
     out = Path(cfg.out)
     questions = read_manifest(job.data.manifest, job.data.video_root)
@@ -81,7 +82,7 @@ def run_tune(job: JobConfig) -> dict:
                "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
                "seconds": time.perf_counter() - start, **fingerprint}
     (out / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return {**{k: v for k, v in summary.items() if k != "losses"}, "summary": str(out / "tune.json")}
 
 
 def tune_projector(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,

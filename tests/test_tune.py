@@ -63,10 +63,10 @@ def test_tuning_through_the_job_lowers_the_loss_and_lists_the_bad_video(data, tm
     assert [e["ids"] for e in summary["errors"]] == [["junk-color"]]
     assert summary["errors"][0]["video"].endswith("junk.mp4")
     assert "not a readable video" in summary["errors"][0]["error"]
-    losses = summary["losses"]
+    written = json.loads(Path(summary["summary"]).read_text())
+    losses = written["losses"]
     assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5])
-    written = json.loads((tmp_path / "t" / "tune.json").read_text())
-    assert written["loss_last"] == losses[-1] and written["compression"]["dominant"] == 4
+    assert summary["loss_last"] == losses[-1] and written["compression"]["dominant"] == 4
 
 
 def test_only_the_projector_changes_and_a_qa_job_loads_it(data, tmp_path):
@@ -110,21 +110,23 @@ def test_a_killed_run_resumes_to_the_same_weights(data, tmp_path, monkeypatch):
     state = torch.load(tmp_path / "killed" / tune.STATE, weights_only=True)
     assert state["step"] == 2  # the checkpoint every 2 steps; step 3 was lost with the process
     monkeypatch.setattr(tune, "answer_loss", real_loss)
-    resumed = run_job(tune_job(data, tmp_path / "killed"))
+    run_job(tune_job(data, tmp_path / "killed"))
+    resumed = json.loads((tmp_path / "killed" / "tune.json").read_text())
     straight = json.loads((tmp_path / "straight" / "tune.json").read_text())
     assert resumed["losses"] == straight["losses"]
     a, b = projector_of(tmp_path / "straight"), projector_of(tmp_path / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="checkpoint of another tuning run"):
         run_job(tune_job(data, tmp_path / "killed", "pipeline.tune.lr=1e-3"))
-    fresh = run_job(tune_job(data, tmp_path / "killed", "pipeline.tune.lr=1e-3",
-                             "pipeline.tune.resume=false"))  # fmt: skip
+    run_job(tune_job(data, tmp_path / "killed", "pipeline.tune.lr=1e-3", "pipeline.tune.resume=false"))
+    fresh = json.loads((tmp_path / "killed" / "tune.json").read_text())
     assert fresh["losses"][0] == straight["losses"][0] and fresh["losses"][1:] != straight["losses"][1:]
 
 
 def test_gradient_accumulation_equals_one_bigger_batch(data, tmp_path):
-    one = run_job(tune_job(data, tmp_path / "one", "pipeline.tune.steps=2", "pipeline.tune.batch_size=8"))
-    two = run_job(tune_job(data, tmp_path / "two", "pipeline.tune.steps=2", "pipeline.tune.grad_accum=2"))
+    run_job(tune_job(data, tmp_path / "one", "pipeline.tune.steps=2", "pipeline.tune.batch_size=8"))
+    run_job(tune_job(data, tmp_path / "two", "pipeline.tune.steps=2", "pipeline.tune.grad_accum=2"))
+    one, two = (json.loads((tmp_path / name / "tune.json").read_text()) for name in ("one", "two"))
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)
     a, b = projector_of(tmp_path / "one"), projector_of(tmp_path / "two")
     for k in a:
@@ -152,3 +154,19 @@ def test_question_order_is_a_function_of_seed_and_position():
     assert tune.QuestionOrder(5, seed=3).batch(7, 4) == stream[7:11]
     assert tune.learning_rate(0, 10, 1.0, 2) == 0.5 and tune.learning_rate(2, 10, 1.0, 2) == 1.0
     assert tune.learning_rate(10, 10, 1.0, 2) == pytest.approx(0.0)
+
+
+def test_run_py_tunes_into_the_hydra_output_folder(data, tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run([
+        sys.executable, str(ROOT / "run.py"), "+experiment=synth", "pipeline=tune",
+        f"model.path={data['model']}", "model.dtype=float32", f"data.manifest={data['manifest']}",
+        "pipeline.tune.steps=2", "compression.dominant=4", "compression.contextual=1",
+        f"hydra.run.dir={tmp_path}",
+    ], check=True, cwd=tmp_path, capture_output=True, timeout=300)  # fmt: skip
+    summary = json.loads((tmp_path / "tuned" / "tune.json").read_text())
+    assert summary["steps"] == 2 and summary["questions"] == 20
+    assert set(projector_of(tmp_path / "tuned")) == {"linear_1.weight", "linear_1.bias", "linear_2.weight",
+                                                     "linear_2.bias"}

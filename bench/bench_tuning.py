@@ -1,0 +1,106 @@
+"""Projector tuning (VisionZip's efficient tuning) on the synthetic video QA, through the pipeline.
+
+For VisionZip at the paper's fraction (5 of 65 tokens per frame, `bench_retention.PAPER_BUDGET`) and for
+the random-selection control at the same count, `pipeline=tune` tunes the projector of the synth model on
+a training set of its own seed (mp4 files decoded by the job, like the held-out set); then the held-out
+set is answered with `model.projector_path` and scored. The question is how much of the accuracy that
+compression costs the tuning wins back:
+
+    recovery = (tuned - untuned) / (full - untuned)
+
+    .venv/bin/python -m bench.bench_tuning [--set val500|test2000] [--train-clips 400] [--steps 600]
+
+Prints the table and writes bench/results/tuning.json. The goal (from the issue): VisionZip's recovery
+>= 50%, beside the control's, tuned the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_retention import BUDGETS, CONF, PAPER_BUDGET, run_setting  # noqa: E402
+from bench.common import CACHE_DIR, goal, print_table, write_result  # noqa: E402
+from pipelines.config import register, to_job_config  # noqa: E402
+from pipelines.job import run_job  # noqa: E402
+from pipelines.synth import HELDOUT, QUESTION_TYPES, write_dataset  # noqa: E402
+
+TRAIN_SEED = 3_000_000  # far from the training stream (seeds 0, 1, ...) and from the held-out sets
+METHODS = ("visionzip", "random")
+
+
+def tune(method: str, compression: list[str], manifest: Path, out: Path, model: str, steps: int, lr: float,
+         batch_size: int) -> dict:
+    """`pipeline=tune` with the job's own config path; a finished run in `out` is resumed, i.e. kept."""
+    with initialize_config_dir(str(CONF), version_base=None):
+        cfg = compose("config", overrides=[
+            "+experiment=synth", "pipeline=tune", f"model.path={model}", f"data.manifest={manifest}",
+            f"pipeline.tune.out={out}", f"pipeline.tune.steps={steps}", f"pipeline.tune.lr={lr}",
+            f"pipeline.tune.batch_size={batch_size}", "pipeline.tune.warmup_steps=20",
+            f"output.path={out}/unused.jsonl", f"compression={method}", *compression,
+        ])  # fmt: skip
+    return run_job(to_job_config(cfg))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--set", choices=sorted(HELDOUT), default="val500")
+    parser.add_argument("--model", default="models/synth")
+    parser.add_argument("--train-clips", type=int, default=400, help="tuning clips (x 5 questions)")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    register()
+    model = str(Path(args.model).resolve())
+    seed, clips = HELDOUT[args.set]
+    heldout = CACHE_DIR / "synth" / args.set
+    if not (heldout / "manifest.jsonl").exists():
+        write_dataset(heldout, seed, clips)
+    train = CACHE_DIR / "synth" / f"tune{args.train_clips}"
+    if not (train / "manifest.jsonl").exists():
+        write_dataset(train, TRAIN_SEED, args.train_clips)
+    dominant, contextual = BUDGETS[PAPER_BUDGET]
+    compression = [f"compression.dominant={dominant}", f"compression.contextual={contextual}"]
+    work = CACHE_DIR / "synth" / "tuning" / Path(args.model).name
+    full = run_setting(["compression=none"], heldout / "manifest.jsonl", work / "full.jsonl", model)
+    rows = [{"setting": "full", "tuned": False, "overall": full["overall"]["accuracy"],
+             **{t: full["types"][t]["accuracy"] for t in QUESTION_TYPES}}]  # fmt: skip
+    for method in METHODS:
+        tuned = work / f"{method}-{PAPER_BUDGET}-{args.steps}steps"
+        summary = tune(method, compression, train / "manifest.jsonl", tuned, model, args.steps, args.lr,
+                       args.batch_size)  # fmt: skip
+        for projector in (None, tuned / "projector.safetensors"):
+            overrides = [f"compression={method}", *compression]
+            if projector is not None:
+                overrides.append(f"model.projector_path={projector}")
+            name = f"{method}-{PAPER_BUDGET}" + ("+tuned" if projector else "")
+            result = run_setting(overrides, heldout / "manifest.jsonl", work / f"{name}.jsonl", model)
+            row = {"setting": name, "tuned": projector is not None, "overall": result["overall"]["accuracy"],
+                   **{t: result["types"][t]["accuracy"] for t in QUESTION_TYPES}}  # fmt: skip
+            if projector is not None:
+                row.update(tune_steps=summary["steps"], tune_questions=summary["questions"],
+                           tune_loss_first=summary["loss_first"], tune_loss_last=summary["loss_last"])
+            rows.append(row)
+            print(f"{name}: {row['overall']:.3f}", file=sys.stderr, flush=True)
+    by = {r["setting"]: r for r in rows}
+    ratios, goals = {}, {}
+    for method in METHODS:
+        name = f"{method}-{PAPER_BUDGET}"
+        untuned, tuned = by[name]["overall"], by[f"{name}+tuned"]["overall"]
+        gap = by["full"]["overall"] - untuned
+        ratios[f"{method}_recovery"] = (tuned - untuned) / gap if gap > 0 else None
+    if ratios["visionzip_recovery"] is not None:
+        goals["visionzip_recovery"] = goal(ratios["visionzip_recovery"], ">=", 0.5)
+    print_table(rows, ["setting", *QUESTION_TYPES, "overall", "tune_loss_first", "tune_loss_last"])
+    print(f"ratios: {ratios}\ngoals: {goals}")
+    print(f"written {write_result('tuning', rows, ratios, goals)}")
+
+
+if __name__ == "__main__":
+    main()
