@@ -42,6 +42,7 @@ HELDOUT = {"val500": (1_000_500, 100), "test2000": (1_002_000, 400)}
 FRAME_SIZE = 112
 NUM_FRAMES = 8
 SPEED = 4  # pixels per frame: 28 px (2 patches) over 8 frames
+POSITION_BINS = 8  # per axis, for the per-frame position targets: a bin is a patch wide (14 px)
 
 
 @dataclass(frozen=True)
@@ -206,9 +207,11 @@ def frame_labels(clip: SynthClip, patch: int = 14) -> dict[str, np.ndarray]:
     """Per-frame attribute targets for pretraining the tower's CLS, and per-patch targets.
 
     `count` [T] (0..2 = one..three objects); for each colour c: `present` [T, C] (0/1), `shape`
-    [T, C] (shape index, -1 when absent), `x` and `y` [T, C] (quarter of the frame the centre is in,
-    -1 when absent); `patch_color` [T, P] (0 = background, 1 + colour index of the object covering most
-    of the patch when it covers at least a quarter of it) and `patch_shape` [T, P] likewise.
+    [T, C] (shape index, -1 when absent), `x` and `y` [T, C] (which of `POSITION_BINS` columns / rows
+    of the frame the centre is in, -1 when absent; an object's bin moves by 2 over a clip, so the
+    first and last frames tell its direction); `patch_color` [T, P] (0 = background, 1 + colour index
+    of the object covering most of the patch when it covers at least a quarter of it) and
+    `patch_shape` [T, P] likewise.
     """
     t_count, size = clip.owner.shape[0], clip.owner.shape[1]
     n_colors = len(COLORS)
@@ -220,7 +223,8 @@ def frame_labels(clip: SynthClip, patch: int = 14) -> dict[str, np.ndarray]:
         for t in range(t_count):
             cx, cy = obj.center(t)
             present[t, c], shape[t, c] = 1, SHAPES.index(obj.shape)
-            xs[t, c], ys[t, c] = min(3, int(cx * 4 // size)), min(3, int(cy * 4 // size))
+            xs[t, c] = min(POSITION_BINS - 1, int(cx * POSITION_BINS // size))
+            ys[t, c] = min(POSITION_BINS - 1, int(cy * POSITION_BINS // size))
     grid = size // patch
     cells = clip.owner[:, : grid * patch, : grid * patch].reshape(t_count, grid, patch, grid, patch)
     cells = cells.transpose(0, 1, 3, 2, 4).reshape(t_count, grid * grid, patch * patch)

@@ -5,7 +5,7 @@ the LLM cannot learn what to look for before the tower shows it anything. So, in
 
 1. `tower`: the CLIP tower alone learns, from single frames, what each frame holds. Its CLS token at the
    selection layer (the one Video-LLaVA feeds the LLM, -2) predicts per-frame attributes (object count;
-   per colour: present, shape, x and y quarter), a CLIP-like objective that makes the CLS query's
+   per colour: present, shape, column and row bin), a CLIP-like objective that makes the CLS query's
    attention concentrate on the objects (VisionZip's premise); its patch tokens predict the colour and
    shape of what they show. No LLM runs, so a step is cheap.
 2. `lm`: tower frozen; the multimodal projector and the LLM learn the answer token and EOS from the full
@@ -44,6 +44,7 @@ from pipelines.synth import (
     COLORS,
     FRAME_SIZE,
     NUM_FRAMES,
+    POSITION_BINS,
     QUESTION_TYPES,
     SHAPES,
     TrainingSample,
@@ -105,8 +106,8 @@ class TowerHeads(nn.Module):
     def __init__(self, width: int, grid: int) -> None:
         super().__init__()
         colors = len(COLORS)
-        self.sizes = {"count": 3, "present": 2 * colors, "shape": len(SHAPES) * colors, "x": 4 * colors,
-                      "y": 4 * colors}  # fmt: skip
+        self.sizes = {"count": 3, "present": 2 * colors, "shape": len(SHAPES) * colors,
+                      "x": POSITION_BINS * colors, "y": POSITION_BINS * colors}  # fmt: skip
         self.patch_sizes = {"patch_color": 1 + colors, "patch_shape": 1 + len(SHAPES), "row": grid,
                             "col": grid}  # fmt: skip
         self.grid = grid

@@ -95,6 +95,9 @@ def test_frame_labels_follow_the_objects():
     for obj in sample.clip.objects:
         c = list(COLORS).index(obj.color)
         assert (labels["shape"][:, c] == SHAPES.index(obj.shape)).all()
+        dx, dy = DIRECTIONS[obj.direction]  # 28 px of travel: two 14 px position bins
+        moved = labels["x"][-1, c] - labels["x"][0, c], labels["y"][-1, c] - labels["y"][0, c]
+        assert moved == (2 * dx, 2 * dy)
         # patches labelled with this colour lie where its pixels are
         mask = _pixels_of(sample.clip.frames, obj.color)
         per_patch = mask.reshape(8, 8, 14, 8, 14).sum((2, 4)).reshape(8, 64)
