@@ -35,6 +35,7 @@ from pipelines.synth import HELDOUT, QUESTION_TYPES, write_dataset  # noqa: E402
 CONF = Path(__file__).resolve().parent.parent / "conf"
 BUDGETS = {4: (3, 1), 5: (4, 1), 10: (8, 2), 17: (14, 3)}  # tokens per frame: (dominant, contextual)
 PAPER_BUDGET = 5
+MEASURABLE = 0.80  # a type the model answers at least this well with full tokens is measurable
 # The types whose answer is a property of one named object, i.e. of a few patches.
 LOCALISED = ("color", "shape", "direction", "half")
 METHODS = ("visionzip", "visionzip+temporal", "dominant_only", "random", "pool")
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="cosine threshold of temporal merging in the table's temporal rows")
     parser.add_argument("--temporal-sweep", type=float, nargs="*", default=[],
                         help="also VisionZip + temporal merging at the paper's budget at each of these")
+    parser.add_argument("--name", default="retention", help="writes bench/results/NAME.json and NAME.png")
     args = parser.parse_args(argv)
     register()
     seed, clips = HELDOUT[args.set]
@@ -105,14 +107,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {row['overall']:.3f}", file=sys.stderr, flush=True)
     by_name = {r["setting"]: r for r in rows}
     full = by_name.get("full")
+    # The issue: a type the model does not learn with full tokens (< 80%) is not measurable; its answers
+    # are near chance whatever the compression, so the goals read the measurable types (each type has
+    # one question per clip, so a mean over types is a mean over their questions). `overall` keeps all.
+    measurable = [t for t in QUESTION_TYPES if full and full[t] >= MEASURABLE]
     for r in rows:
         r["retention"] = r["overall"] / full["overall"] if full and full["overall"] else None
-        r["localised"] = sum(r[t] for t in LOCALISED) / len(LOCALISED)
-    columns = ["setting", "tokens_per_frame", "visual_tokens", *QUESTION_TYPES, "overall", "retention"]
+        r["measurable"] = sum(r[t] for t in measurable) / len(measurable) if measurable else None
+        r["retention_measurable"] = r["measurable"] / full["measurable"] if measurable else None
+        localised = [t for t in LOCALISED if t in measurable]
+        r["localised"] = sum(r[t] for t in localised) / len(localised) if localised else None
+    columns = ["setting", "tokens_per_frame", "visual_tokens", *QUESTION_TYPES, "overall", "retention",
+               "measurable", "retention_measurable"]
     print_table(rows, [*columns, "threshold", "answer_s", "errors"])
+    print(f"measurable types (>= {MEASURABLE:.0%} with full tokens): {measurable}")
     ratios, goals = goals_of(by_name)
-    path = write_result("retention", rows, ratios, goals)
-    png = plot(rows, RESULTS_DIR / "retention.png")
+    path = write_result(args.name, rows, ratios, goals)
+    png = plot(rows, RESULTS_DIR / f"{args.name}.png")
     print(f"goals: {goals}\nwritten {path} and {png}")
 
 
@@ -125,10 +136,12 @@ def goals_of(by: dict[str, dict]) -> tuple[dict, dict]:
         goals["full_worst_type"] = goal(min(full[t] for t in QUESTION_TYPES), ">=", 0.80)
     if full and paper and paper["retention"] is not None:
         ratios["visionzip_paper_retention"] = paper["retention"]
-        goals["visionzip_paper_retention"] = goal(paper["retention"], ">=", 0.932)
+        ratios["visionzip_paper_retention_measurable"] = paper["retention_measurable"]
+        goals["visionzip_paper_retention_measurable"] = goal(paper["retention_measurable"], ">=", 0.932)
     controls = ("random", "pool")
     margins = [by[f"visionzip-{k}"]["localised"] - max(by[f"{m}-{k}"]["localised"] for m in controls)
-               for k in BUDGETS if all(f"{m}-{k}" in by for m in ("visionzip", *controls))]  # fmt: skip
+               for k in BUDGETS if all(f"{m}-{k}" in by for m in ("visionzip", *controls))
+               and by[f"visionzip-{k}"]["localised"] is not None]  # fmt: skip
     if margins:
         ratios["visionzip_minus_best_control_localised_worst_budget"] = min(margins)
         goals["visionzip_beats_random_and_pool_localised"] = goal(min(margins), ">", 0.0)
@@ -139,6 +152,10 @@ def goals_of(by: dict[str, dict]) -> tuple[dict, dict]:
         ratios["temporal_accuracy_drop"] = paper["overall"] - temporal["overall"]
         goals["temporal_removes_30pct_more"] = goal(removed, ">=", 0.30)
         goals["temporal_costs_at_most_1pt"] = goal(paper["overall"] - temporal["overall"], "<=", 0.01)
+        if paper["measurable"] is not None:
+            drop = paper["measurable"] - temporal["measurable"]
+            ratios["temporal_accuracy_drop_measurable"] = drop
+            goals["temporal_costs_at_most_1pt_measurable"] = goal(drop, "<=", 0.01)
     return ratios, goals
 
 

@@ -23,7 +23,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     device: str = "auto"
     build_tiny: bool = False  # build the tiny random model into `path` first (tests, demo)
-    projector_path: str | None = None  # tuned projector weights (`pipelines.train --tune-from`)
+    projector_path: str | None = None  # tuned projector weights (`pipeline=tune` writes them)
 
 
 @dataclass

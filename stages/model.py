@@ -106,7 +106,7 @@ def load_video_llava(
 
 
 def load_projector(model: VideoLlavaForConditionalGeneration, path: str | os.PathLike) -> None:
-    """Replace the model's projector weights with tuned ones (`pipelines.train --tune-from`; shapes must
+    """Replace the model's projector weights with tuned ones (`pipeline=tune`, `pipelines.tune`; shapes must
     match: same architecture)."""
     projector = model.model.multi_modal_projector
     try:

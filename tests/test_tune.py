@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import pipelines.tune as tune
 from pipelines.config import TuneConfig, register, to_job_config
@@ -55,9 +55,15 @@ def projector_of(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_tuning_through_the_job_lowers_the_loss_and_lists_the_bad_video(data, tmp_path):
-    # the shipped synth model: a randomly initialised LLM hardly responds to its projector
-    shipped = f"model.path={ROOT / 'models' / 'synth'}"
-    job = tune_job(data, tmp_path / "t", shipped, "pipeline.tune.steps=30", manifest=data["broken"])
+    # the shipped synth model (a randomly initialised LLM hardly responds to its projector), starting from
+    # a scrambled projector (`model.projector_path`: tuning continues from it), so there is a loss to lower
+    shipped, _ = load_video_llava(ROOT / "models" / "synth", dtype="float32", device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    weights = {k: v[torch.randperm(len(v), generator=generator)] if v.dim() == 2 else v
+               for k, v in shipped.model.multi_modal_projector.state_dict().items()}  # fmt: skip
+    save_file(weights, str(tmp_path / "scrambled.safetensors"))
+    job = tune_job(data, tmp_path / "t", f"model.path={ROOT / 'models' / 'synth'}", "pipeline.tune.steps=30",
+                   f"model.projector_path={tmp_path / 'scrambled.safetensors'}", manifest=data["broken"])
     summary = run_job(job)
     assert (summary["questions"], summary["videos"]) == (20, 4)
     assert [e["ids"] for e in summary["errors"]] == [["junk-color"]]
