@@ -244,7 +244,10 @@ def write_frames(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 
     with av.open(str(path), mode="w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": str(crf), "threads": "1"}
+        # one encoder thread, lookahead included: the same bytes on every run and machine
+        stream.codec_context.thread_count = 1
+        stream.options = {"preset": "veryfast", "crf": str(crf), "threads": "1",
+                          "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}
         for n, img in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
             frame.pts, frame.time_base = n, Fraction(1, fps)
