@@ -228,14 +228,12 @@ class TokenSubsets:
     order) makes it read what a token shows and where (the tower encodes row and column in each patch),
     not its index. The subsets are drawn uniformly, blind to content, so they favour no selection rule:
     `random` selection is exactly this distribution, VisionZip is not. `full` of the steps see every
-    token; otherwise a frame keeps k patches, k log-uniform in [1, all], one k for every frame of the
-    step's clips (`per_frame=False`: the regular layout that per-frame compression gives) or one per
-    frame (`per_frame=True`: uneven, as temporal merging gives). `cls_only`: every frame keeps its CLS
-    alone (8 tokens a clip), the curriculum's first phase (see `main`).
+    token; otherwise each frame keeps its own k patches, k log-uniform in [1, all] (uneven, as temporal
+    merging gives; one k per frame index, shared by the step's clips so that they batch). `cls_only`:
+    every frame keeps its CLS alone (8 tokens a clip), the curriculum's first phase (see `main`).
     """
 
     full: float = 0.25
-    per_frame: bool = True
     cls_only: bool = False
 
 
@@ -250,8 +248,8 @@ def token_subsets(features: torch.Tensor, clips: int, augment: TokenSubsets,
         return features.reshape(clips, -1, dim)
     per_clip = frames // clips
     patches = n - 1
-    keep = torch.exp(torch.rand(per_clip if augment.per_frame else 1, generator=generator) * np.log(patches))
-    keep = keep.round().long().clamp(1, patches).expand(per_clip)
+    keep = torch.exp(torch.rand(per_clip, generator=generator) * np.log(patches)).round().long()
+    keep = keep.clamp(1, patches)
     order = torch.rand(frames, patches, generator=generator).argsort(dim=1) + 1
     parts = []
     for t in range(per_clip):

@@ -114,6 +114,8 @@ def test_token_subsets_keep_cls_and_raster_order_with_a_count_per_frame():
                 assert len(kept) == (frame[0] == t).sum()  # the same count per frame in every clip
         assert not torch.equal(position[0], position[1])  # each clip its own patches
     assert seen_full and seen_subset > seen_full
+    cls = token_subsets(features, clips, TokenSubsets(cls_only=True), generator)
+    assert torch.equal(cls[..., 0], torch.arange(frames).float().mul(1000).expand(clips, -1))  # CLS alone
 
 
 def test_lm_training_on_token_subsets_reduces_loss():
