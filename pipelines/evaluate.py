@@ -10,6 +10,7 @@ The question type is the row's `type` column when there is one, else the part of
 `-` (synthetic ids are `"<clip>-<type>"`), else `all`.
 
     python -m pipelines.evaluate OUTPUT [--json PATH]     # prints the table, writes OUTPUT.eval.json
+    python -m pipelines.evaluate multirun/DATE/TIME       # a `-m` sweep: one row per job, see sweep_table
 """
 
 from __future__ import annotations
@@ -102,11 +103,58 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def sweep_table(folder: str | Path) -> list[dict]:
+    """One row per job of a Hydra `-m` sweep folder (each job's folder has `.hydra/overrides.yaml` and its
+    output file): the job's overrides, mean visual tokens kept, accuracy per type and overall, and
+    `retention` against the sweep's job run with `compression=none` (None when there is not exactly one).
+    """
+    from omegaconf import OmegaConf
+
+    rows = []
+    for overrides in sorted(Path(folder).glob("*/.hydra/overrides.yaml")):
+        job = overrides.parent.parent
+        outputs = sorted(p for p in job.iterdir() if p.suffix.lower() in (".jsonl", ".parquet"))
+        if len(outputs) != 1:
+            raise ValueError(f"sweep job {job}: expected one output file (.jsonl or .parquet), got {outputs}")
+        result = evaluate(read_rows(outputs[0]))
+        settings = [str(o) for o in OmegaConf.load(overrides) if not str(o).startswith(("data.", "output."))]
+        row = {"setting": " ".join(settings) or "(defaults)",
+               "visual_tokens": result["visual_tokens_kept_mean"],
+               **{t: g["accuracy"] for t, g in result["types"].items()},
+               "overall": result["overall"]["accuracy"], "errors": result["overall"]["errors"],
+               "output": str(outputs[0])}  # fmt: skip
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{folder}: no job folders with .hydra/overrides.yaml (is it a -m sweep's folder?)")
+    full = [r for r in rows if "compression=none" in r["setting"].split()]
+    reference = full[0]["overall"] if len(full) == 1 else None
+    for row in rows:
+        row["retention"] = row["overall"] / reference if reference else None
+    return rows
+
+
+def format_sweep(rows: list[dict]) -> str:
+    """The sweep table as Markdown."""
+    columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c != "output"]
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else "" if v is None else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows])
+
+
+def main(argv: list[str] | None = None) -> dict | list[dict]:
     parser = argparse.ArgumentParser(description="Accuracy per question type of a job's output file.")
-    parser.add_argument("output", help="the job's output (.jsonl or .parquet) with `answer` per row")
+    parser.add_argument("output", help="the job's output (.jsonl or .parquet) with `answer` per row, or a "
+                                           "-m sweep's folder")
     parser.add_argument("--json", default=None, help="where to write the result (default OUTPUT.eval.json)")
     args = parser.parse_args(argv)
+    if Path(args.output).is_dir():
+        rows = sweep_table(args.output)
+        table = format_sweep(rows)
+        (Path(args.output) / "accuracy_table.md").write_text(table + "\n")
+        target = Path(args.json or Path(args.output) / "accuracy_table.json")
+        target.write_text(json.dumps(rows, indent=2) + "\n")
+        print(table)
+        return rows
     result = evaluate(read_rows(args.output))
     if result["overall"]["n"] == 0:
         raise SystemExit(f"{args.output}: no row has an answer to score")

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.evaluate import evaluate, format_table, main, normalize, read_rows
+from pipelines.evaluate import evaluate, format_table, main, normalize, read_rows, sweep_table
 
 
 @pytest.mark.parametrize(
@@ -78,3 +78,31 @@ def test_bad_inputs_are_named(tmp_path):
     empty.write_text(json.dumps({"id": "1", "prediction": "a"}) + "\n")
     with pytest.raises(SystemExit, match="no row has an answer"):
         main([str(empty)])
+
+
+def test_sweep_folder_gives_one_row_per_job_with_retention(tmp_path, capsys):
+    jobs = {"0": (["compression=none", "data.manifest=q.jsonl"], ["red", "two", "up", "top"], 520),
+            "1": (["compression=visionzip", "compression.dominant=4"], ["red", "one", "up", "top"], 40)}
+    truth = [("00000-color", "red"), ("00000-count", "two"), ("00001-direction", "up"),
+             ("00001-half", "bottom")]
+    for name, (overrides, predictions, tokens) in jobs.items():
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        rows = [{"id": i, "answer": a, "prediction": p, "visual_tokens_kept": tokens, "error": None}
+                for (i, a), p in zip(truth, predictions, strict=True)]  # fmt: skip
+        (tmp_path / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp_path / name / "predictions.summary.json").write_text("{}")
+    rows = main([str(tmp_path)])
+    assert [(r["setting"], r["visual_tokens"], r["overall"], r["retention"]) for r in rows] == [
+        ("compression=none", 520, 0.75, 1.0),
+        ("compression=visionzip compression.dominant=4", 40, 0.5, 0.5 / 0.75),
+    ]
+    assert rows[1]["count"] == 0.0 and rows[0]["half"] == 0.0
+    table = (tmp_path / "accuracy_table.md").read_text()
+    header, _, _, last = table.splitlines()
+    assert header.split(" | ")[1:] == ["visual_tokens", "color", "count", "direction", "half", "overall",
+                                       "errors", "retention |"]
+    assert last.split(" | ")[1:] == ["40.000", "1.000", "0.000", "1.000", "0.000", "0.500", "0", "0.667 |"]
+    assert json.loads((tmp_path / "accuracy_table.json").read_text()) == rows
+    with pytest.raises(ValueError, match="no job folders"):
+        sweep_table(tmp_path / "0")

@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from pipelines.config import register, to_job_config
+from pipelines.evaluate import main as evaluate_main
 from pipelines.job import run_job
 from pipelines.sample_videos import write_truncated, write_video
 from stages.model import build_tiny_video_llava
@@ -185,6 +186,13 @@ def test_sweep_runs_each_job_in_its_own_folder_with_its_own_ray(data, tmp_path):
         assert sorted(r["id"] for r in rows) == sorted(data["ids"])
         kept[job] = {r["visual_tokens_kept"] for r in rows if r["error"] is None}
     assert kept == {"0": {8 * 257}, "1": {8 * 17}}
+    # the sweep's table: one row per job, retention against the compression=none job
+    table = evaluate_main([str(tmp_path)])
+    assert [(r["setting"].split()[0], r["visual_tokens"]) for r in table] == [
+        ("compression=none", 8 * 257), ("compression=visionzip", 8 * 17)]
+    # the random tiny model answers its one answered question wrong: no reference to retain against
+    assert table[0]["overall"] == 0.0 and table[0]["retention"] is None
+    assert (tmp_path / "accuracy_table.md").read_text().count("\n") == 4
 
 
 def _free_port() -> int:
