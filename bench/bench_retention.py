@@ -63,13 +63,16 @@ def settings(threshold: float, sweep: list[float]) -> list[tuple[str, str, int, 
     return out
 
 
-def run_setting(overrides: list[str], manifest: Path, output: Path, model: str) -> dict:
+def synth_job(overrides: list[str], manifest: Path, model: str) -> dict:
+    """Run the job `+experiment=synth` with `model` on `manifest` and the overrides; its summary."""
     with initialize_config_dir(str(CONF), version_base=None):
         cfg = compose("config", overrides=[
-            "+experiment=synth", f"model.path={model}", f"data.manifest={manifest}", f"output.path={output}",
-            "output.overwrite=true", *overrides,
-        ])  # fmt: skip
-    run_job(to_job_config(cfg))
+            "+experiment=synth", f"model.path={model}", f"data.manifest={manifest}", *overrides])
+    return run_job(to_job_config(cfg))
+
+
+def run_setting(overrides: list[str], manifest: Path, output: Path, model: str) -> dict:
+    synth_job([f"output.path={output}", "output.overwrite=true", *overrides], manifest, model)
     return evaluate(read_rows(output))
 
 

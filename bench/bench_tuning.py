@@ -20,14 +20,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_retention import BUDGETS, CONF, PAPER_BUDGET, run_setting  # noqa: E402
+from bench.bench_retention import BUDGETS, PAPER_BUDGET, run_setting, synth_job  # noqa: E402
 from bench.common import CACHE_DIR, goal, print_table, write_result  # noqa: E402
-from pipelines.config import register, to_job_config  # noqa: E402
-from pipelines.job import run_job  # noqa: E402
+from pipelines.config import register  # noqa: E402
 from pipelines.synth import HELDOUT, QUESTION_TYPES, write_dataset  # noqa: E402
 
 TRAIN_SEED = 3_000_000  # far from the training stream (seeds 0, 1, ...) and from the held-out sets
@@ -38,14 +35,11 @@ MIN_GAP = 0.02  # accuracy; below it the full-vs-compressed gap is within sampli
 def tune(method: str, compression: list[str], manifest: Path, out: Path, model: str, steps: int, lr: float,
          batch_size: int) -> dict:
     """`pipeline=tune` with the job's own config path; a finished run in `out` is resumed, i.e. kept."""
-    with initialize_config_dir(str(CONF), version_base=None):
-        cfg = compose("config", overrides=[
-            "+experiment=synth", "pipeline=tune", f"model.path={model}", f"data.manifest={manifest}",
-            f"pipeline.tune.out={out}", f"pipeline.tune.steps={steps}", f"pipeline.tune.lr={lr}",
-            f"pipeline.tune.batch_size={batch_size}", "pipeline.tune.warmup_steps=20",
-            f"output.path={out}/unused.jsonl", f"compression={method}", *compression,
-        ])  # fmt: skip
-    return run_job(to_job_config(cfg))
+    return synth_job([
+        "pipeline=tune", f"pipeline.tune.out={out}", f"pipeline.tune.steps={steps}", f"pipeline.tune.lr={lr}",
+        f"pipeline.tune.batch_size={batch_size}", "pipeline.tune.warmup_steps=20",
+        f"output.path={out}/unused.jsonl", f"compression={method}", *compression,
+    ], manifest, model)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

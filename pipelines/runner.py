@@ -55,6 +55,12 @@ def stage_specs(job: JobConfig) -> list[StageSpec]:
     ]
 
 
+def in_process_kwargs(spec: StageSpec) -> dict[str, Any]:
+    """A stage's arguments for a model already loaded in this process: without its path, dtype and device
+    (the stage takes the loaded model instead)."""
+    return {k: v for k, v in spec.kwargs.items() if k not in ("model", "dtype", "device")}
+
+
 def item_rows(items: list[VideoItem]) -> list[dict]:
     """One row per clip, carrying its questions (decoded and encoded once for all of them)."""
     return [
@@ -127,9 +133,8 @@ def run_local(job: JobConfig, rows: list[dict], on_video: Callable[[dict], None]
     decode_spec, encode_spec, answer_spec = stage_specs(job)
     model, tokenizer = load_video_llava(job.model.path, dtype=job.model.dtype, device=job.model.device)
     decode = DecodeStage(**decode_spec.kwargs)
-    skip = ("model", "dtype", "device")
-    encode = EncodeStage(model, **{k: v for k, v in encode_spec.kwargs.items() if k not in skip})
-    answer = AnswerStage(model, tokenizer, **{k: v for k, v in answer_spec.kwargs.items() if k not in skip})
+    encode = EncodeStage(model, **in_process_kwargs(encode_spec))
+    answer = AnswerStage(model, tokenizer, **in_process_kwargs(answer_spec))
     for batch in batches_of(rows, decode_spec.resources.batch_size):
         out = answer(encode(decode(batch)))
         for i in range(len(out["video"])):

@@ -55,6 +55,7 @@ from pipelines.synth import (
     synth_sample,
     training_samples,
 )
+from pipelines.tune import learning_rate
 from stages.answer import PROMPT, AnswerStage
 from stages.model import tiny_tokenizer, video_llava_config
 from stages.preprocess import ClipPreprocess
@@ -167,11 +168,7 @@ def _optimizer_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor
 
 def _lr(step: int, steps: int, lr: float) -> float:
     """Linear warm-up (a tenth of the steps, at most 100), then cosine decay to 10%."""
-    warmup = min(100, steps // 10 + 1)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.45 * (1 + np.cos(np.pi * progress)))
+    return learning_rate(step, steps, lr, warmup=min(100, steps // 10 + 1), floor=0.1)
 
 
 def pretrain_tower(model: VideoLlavaForConditionalGeneration, steps: int, clips: int = 8, lr: float = 2e-3,

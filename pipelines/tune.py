@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -40,12 +40,12 @@ from transformers import PreTrainedTokenizerBase, VideoLlavaForConditionalGenera
 
 from pipelines.config import JobConfig, TuneConfig
 from pipelines.manifest import ManifestError, Question, group_by_video, read_manifest
-from pipelines.runner import batches_of, item_rows, stage_specs
+from pipelines.runner import batches_of, in_process_kwargs, item_rows, stage_specs
 from stages.answer import AnswerStage
 from stages.batch import errors_of
 from stages.decode import DecodeStage
 from stages.encode import EncodeStage
-from stages.model import load_projector, load_video_llava, save_projector
+from stages.model import load_video_llava, save_projector
 
 log = logging.getLogger(__name__)
 STATE = "tune_state.pt"
@@ -64,8 +64,6 @@ def run_tune(job: JobConfig) -> dict:
             f"{len(unanswered)} ids: {', '.join(unanswered[:10])}{' ...' if len(unanswered) > 10 else ''}"
         )
     model, tokenizer = load_video_llava(job.model.path, dtype=job.model.dtype, device=job.model.device)
-    if job.model.projector_path:
-        load_projector(model, job.model.projector_path)
     start = time.perf_counter()
     tokens, examples, errors = compressed_examples(job, model, questions)
     if not examples:
@@ -135,8 +133,7 @@ def compressed_examples(job: JobConfig, model: torch.nn.Module, questions: list[
     the CPU; (video index, question, answer) per question; {"video", "ids", "error"} per failed video)."""
     decode_spec, encode_spec, _ = stage_specs(job)
     decode = DecodeStage(**decode_spec.kwargs)
-    skip = ("model", "dtype", "device", "projector_path")  # the loaded model already has its projector
-    encode = EncodeStage(model, **{k: v for k, v in encode_spec.kwargs.items() if k not in skip})
+    encode = EncodeStage(model, **in_process_kwargs(encode_spec))  # loads model.projector_path into `model`
     rows = item_rows(group_by_video(questions))
     tokens: list[torch.Tensor] = []
     examples: list[tuple[int, str, str]] = []
@@ -170,12 +167,12 @@ def answer_loss(model: torch.nn.Module, answerer: AnswerStage, tokens: list[torc
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to zero at `steps`."""
+def learning_rate(step: int, steps: int, peak: float, warmup: int, floor: float = 0.0) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `floor` x `peak` at `steps`."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    return float(peak * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * progress))))
 
 
 class QuestionOrder:
