@@ -239,12 +239,12 @@ def frame_labels(clip: SynthClip, patch: int = 14) -> dict[str, np.ndarray]:
 
 
 def write_frames(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 12) -> Path:
-    """Frames uint8 [T, H, W, 3] -> H.264 mp4 (near-lossless crf, one thread: same bytes everywhere)."""
+    """Frames uint8 [T, H, W, 3] -> H.264 mp4 (near-lossless crf, one encoder thread)."""
     path = Path(path)
     with av.open(str(path), mode="w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        # one encoder thread, lookahead included: the same bytes on every run and machine
+        # one encoder thread, lookahead included
         stream.codec_context.thread_count = 1
         stream.options = {"preset": "veryfast", "crf": str(crf), "threads": "1",
                           "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}
