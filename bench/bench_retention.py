@@ -125,9 +125,47 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, [*columns, "threshold", "answer_s", "errors"])
     print(f"measurable types (>= {MEASURABLE:.0%} with full tokens): {measurable}")
     ratios, goals = goals_of(by_name)
+    coverage = objects_kept(args.model, seed, clips)
+    ratios.update({f"objects_kept_{rule}_{PAPER_BUDGET}": share for rule, share in coverage.items()})
+    print(f"objects keeping a patch at {PAPER_BUDGET} tokens per frame: {coverage}")
     path = write_result(args.name, rows, ratios, goals)
     png = plot(rows, RESULTS_DIR / f"{args.name}.png")
     print(f"goals: {goals}\nwritten {path} and {png}")
+
+
+def objects_kept(model_path: str, seed: int, clips: int, chunk: int = 8) -> dict[str, float]:
+    """At the paper's budget, the share of the held-out clips' objects that keep at least one patch (one
+    an object covers, as the tower's targets define it) in at least one frame, per selection rule: what
+    a localised answer needs. In memory, from the same clips as the mp4 files (no codec); `random` draws
+    its own patches (the job's draw depends on its batching), so its share is an estimate of the rule's."""
+    import torch
+
+    from pipelines.synth import COLORS, frame_labels, synth_sample
+    from pipelines.train import PATCH, pixels_of
+    from stages.model import load_video_llava
+    from visionzip.baselines import random_patch_index
+    from visionzip.clip import zip_clip
+    from visionzip.video_llava import feature_layer, tokens_per_frame
+
+    model, _ = load_video_llava(model_path, dtype="float32", device="cpu")
+    tower, layer, (d, c) = model.model.video_tower, feature_layer(model), BUDGETS[PAPER_BUDGET]
+    kept: dict[str, list[bool]] = {"visionzip": [], "dominant_only": [], "random": []}
+    for start in range(0, clips, chunk):
+        samples = [synth_sample(seed, i) for i in range(start, min(start + chunk, clips))]
+        with torch.no_grad():
+            pixels = pixels_of(samples)
+            index = {"visionzip": zip_clip(tower, pixels, d, c, layer).dominant_index,
+                     "dominant_only": zip_clip(tower, pixels, PAPER_BUDGET, 0, layer).dominant_index,
+                     "random": random_patch_index(len(pixels), tokens_per_frame(model), PAPER_BUDGET, start)}
+        for k, sample in enumerate(samples):
+            owner = frame_labels(sample.clip, PATCH)["patch_color"]  # [T, 64]: 1 + colour, 0 = background
+            frames = range(k * len(owner), (k + 1) * len(owner))
+            for obj in sample.clip.objects:
+                mine = 1 + list(COLORS).index(obj.color)
+                for rule, idx in index.items():
+                    patches = [owner[t % len(owner)][idx[t, 1:].numpy() - 1] for t in frames]  # CLS left out
+                    kept[rule].append(any((p == mine).any() for p in patches))
+    return {rule: sum(v) / len(v) for rule, v in kept.items()}
 
 
 def goals_of(by: dict[str, dict]) -> tuple[dict, dict]:

@@ -182,24 +182,27 @@ def ask(clip: SynthClip, qtype: str, rng: np.random.Generator) -> SynthQuestion:
 
 @dataclass
 class TrainingSample:
-    """A clip (frames in `clip.frames`) with one question of every type, in `QUESTION_TYPES` order."""
+    """A clip (frames in `clip.frames`) with questions: `per_type` rounds of one question of every type,
+    each round in `QUESTION_TYPES` order."""
 
     clip: SynthClip
     questions: list[SynthQuestion]
 
 
-def synth_sample(seed: int, index: int) -> TrainingSample:
-    """Clip `index` of the set `seed` and its questions: the same draws `write_dataset` makes."""
+def synth_sample(seed: int, index: int, per_type: int = 1) -> TrainingSample:
+    """Clip `index` of the set `seed` and its questions: the same draws `write_dataset` makes (its first
+    round of questions does not depend on `per_type`)."""
     rng = clip_rng(seed, index)
     clip = make_clip(rng)
-    return TrainingSample(clip, [ask(clip, qtype, rng) for qtype in QUESTION_TYPES])
+    return TrainingSample(clip, [ask(clip, qtype, rng) for _ in range(per_type) for qtype in QUESTION_TYPES])
 
 
-def training_samples(seed: int, start: int = 0) -> Iterator[TrainingSample]:
-    """Endless in-memory samples: clip `start`, `start + 1`, ... of `seed`."""
+def training_samples(seed: int, start: int = 0, per_type: int = 1) -> Iterator[TrainingSample]:
+    """Endless in-memory samples: clip `start`, `start + 1`, ... of `seed`, `per_type` questions of each
+    type per clip."""
     index = start
     while True:
-        yield synth_sample(seed, index)
+        yield synth_sample(seed, index, per_type)
         index += 1
 
 

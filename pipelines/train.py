@@ -3,18 +3,22 @@
 A feasibility run found that the answer loss alone leaves a from-scratch model at chance for a long time:
 the LLM cannot learn what to look for before the tower shows it anything. So, in two phases:
 
-1. `tower`: the CLIP tower alone learns, from single frames, what each frame holds. Its CLS token at the
-   selection layer (the one Video-LLaVA feeds the LLM, -2) predicts per-frame attributes (object count;
-   per colour: present, shape, column and row bin), a CLIP-like objective that makes the CLS query's
-   attention concentrate on the objects (VisionZip's premise); its patch tokens predict the colour and
-   shape of what they show. No LLM runs, so a step is cheap.
+1. `tower`: the CLIP tower alone learns, from single frames, what each frame holds. At the selection
+   layer (the one Video-LLaVA feeds the LLM, -2) its CLS predicts the object count, which colours are
+   present and each one's column (`--cls-targets`): to say that, its attention must find the objects
+   (VisionZip's premise), but the CLS holds no shape and no row (top/bottom half), which only the
+   object patches hold. Every patch token predicts its own row and
+   column and, jointly with each, the object (colour x shape) covering it: a conjunctive code, so that
+   the LLM can read "the red object is a circle in the top half" from the object patches without binding
+   separate colour and shape features. No LLM runs, so a step is cheap.
 2. `lm`: tower frozen; the multimodal projector and the LLM learn the answer token and EOS, built by
    the answer stage's own `build_inputs` prompt, so training and inference read exactly the same
-   prompt. A curriculum: first (`--cls-steps`) the LLM reads only each frame's CLS (8 tokens a clip):
-   a probe shows the CLS carries every answer linearly, and on 8 tokens the LLM learns in minutes to
-   bind the question's object to it, which it did not learn in 3000 steps among 520 tokens (it stayed
-   near 70%, answering about whichever object). Then (`--lm-steps`) every token (65 per frame) or, with
-   `--full-fraction`, random token subsets in the other steps (`TokenSubsets`).
+   prompt. A curriculum of token subsets (`TokenSubsets`), because among 520 tokens a from-scratch LLM
+   stays on a plateau (about 70%: it answers about whichever object, never binding the question's
+   object) for thousands of steps: first (`--object-steps`) each frame shows its CLS and two object
+   patches (24 tokens a clip), where it learns the binding in a few hundred steps; then
+   (`--background-steps`) every object patch plus a random amount of background; last (`--lm-steps`)
+   every token or, with `--full-fraction`, uniform random subsets in the other steps.
 
 Everything is seeded (model init, data streams); `python -m pipelines.train --help` lists the knobs, and
 `models/synth/README.md` records the command that made the shipped checkpoint.
@@ -105,15 +109,25 @@ def pixels_of(samples: list[TrainingSample]) -> torch.Tensor:
     return PREPROCESS(np.concatenate([s.clip.frames for s in samples]))
 
 
+CLS_TARGETS = ("count", "present", "shape", "x", "y")  # what the tower's CLS can be taught to predict
+SHIPPED_CLS_TARGETS = ("count", "present", "x")  # models/synth: shape and half only in the patches
+
+
 class TowerHeads(nn.Module):
     """Training-only readouts of the selection layer: per-frame attributes from CLS, per-patch classes."""
 
-    def __init__(self, width: int, grid: int) -> None:
+    def __init__(self, width: int, grid: int, cls_targets: tuple[str, ...] = SHIPPED_CLS_TARGETS) -> None:
         super().__init__()
         colors = len(COLORS)
-        self.sizes = {"count": 3, "present": 2 * colors, "shape": len(SHAPES) * colors,
-                      "x": POSITION_BINS * colors, "y": POSITION_BINS * colors}  # fmt: skip
-        self.patch_sizes = {"patch_color": 1 + colors, "patch_shape": 1 + len(SHAPES), "row": grid,
+        sizes = {"count": 3, "present": 2 * colors, "shape": len(SHAPES) * colors,
+                 "x": POSITION_BINS * colors, "y": POSITION_BINS * colors}  # fmt: skip
+        unknown = sorted(set(cls_targets) - set(sizes))
+        if unknown or "count" not in cls_targets:
+            raise ValueError(f"cls_targets must include 'count' and be among {sorted(sizes)}, "
+                             f"got {cls_targets}")
+        self.sizes = {key: size for key, size in sizes.items() if key in cls_targets}
+        objects = len(COLORS) * len(SHAPES)
+        self.patch_sizes = {"object_row": 1 + objects * grid, "object_col": 1 + objects * grid, "row": grid,
                             "col": grid}  # fmt: skip
         self.grid = grid
         self.cls = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, sum(self.sizes.values())))
@@ -125,13 +139,21 @@ class TowerHeads(nn.Module):
         out = self.cls(features[:, 0]).split(list(self.sizes.values()), dim=-1)
         heads = dict(zip(self.sizes, out, strict=True))
         total = F.cross_entropy(heads["count"], labels["count"])
-        for key in ("present", "shape", "x", "y"):
+        for key in [k for k in heads if k != "count"]:
             logits = heads[key].reshape(len(features), colors, -1)
             total = total + F.cross_entropy(logits.flatten(0, 1), labels[key].flatten(), ignore_index=-1)
-        # every patch token says what covers it and where it is (its row and column): the LLM reads the
-        # kept patch tokens, and where an object is (half, motion) is only in them
+        # every patch token says where it is (row, column) and which object (colour x shape) covers it
+        # jointly with that row and with that column: a conjunctive code, so that the LLM can read "the
+        # red object is a circle in the top half" from any average of object patches without having to
+        # bind separate colour and shape features by attention (which the small LLM did not learn)
         place = torch.arange(self.grid * self.grid).expand(len(features), -1)
-        targets = {**labels, "row": place // self.grid, "col": place % self.grid}
+        row, col = place // self.grid, place % self.grid
+        covered = labels["patch_color"] > 0
+        color, shape = (labels["patch_color"] - 1).clamp(min=0), (labels["patch_shape"] - 1).clamp(min=0)
+        obj = color * len(SHAPES) + shape
+        targets = {"row": row, "col": col,
+                   "object_row": torch.where(covered, 1 + obj * self.grid + row, 0),
+                   "object_col": torch.where(covered, 1 + obj * self.grid + col, 0)}  # fmt: skip
         patch = self.patch(features[:, 1:]).split(list(self.patch_sizes.values()), dim=-1)
         for key, logits in zip(self.patch_sizes, patch, strict=True):
             total = total + F.cross_entropy(logits.flatten(0, 1), targets[key].flatten())
@@ -172,12 +194,14 @@ def _lr(step: int, steps: int, lr: float) -> float:
 
 
 def pretrain_tower(model: VideoLlavaForConditionalGeneration, steps: int, clips: int = 8, lr: float = 2e-3,
-                   seed: int = 0, log_every: int = 50) -> list[float]:
-    """Phase 1 (see module doc). Returns the loss of every step."""
+                   seed: int = 0, log_every: int = 50, cls_targets: tuple[str, ...] = SHIPPED_CLS_TARGETS
+                   ) -> list[float]:
+    """Phase 1 (see module doc); `cls_targets`: what the CLS predicts (`TowerHeads`). Returns the loss of
+    every step."""
     tower = model.model.video_tower
     torch.manual_seed(seed)
     vision = model.config.vision_config
-    heads = TowerHeads(vision.hidden_size, vision.image_size // vision.patch_size)
+    heads = TowerHeads(vision.hidden_size, vision.image_size // vision.patch_size, cls_targets)
     params = [*tower.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     tower.train()
@@ -217,7 +241,7 @@ FULL = Compression()
 
 @dataclass(frozen=True)
 class TokenSubsets:
-    """Training-time augmentation: the LLM reads a random subset of each frame's patch tokens.
+    """Training-time augmentation: the LLM reads a subset of each frame's patch tokens.
 
     A small LLM trained on full frames only learns to find an object by where its token sits in the
     sequence (token 37 of a frame is always the same place), and any token reduction then breaks it. A
@@ -226,28 +250,45 @@ class TokenSubsets:
     not its index. The subsets are drawn uniformly, blind to content, so they favour no selection rule:
     `random` selection is exactly this distribution, VisionZip is not. `full` of the steps see every
     token; otherwise each frame keeps its own k patches, k log-uniform in [1, all] (uneven, as temporal
-    merging gives; one k per frame index, shared by the step's clips so that they batch). `cls_only`:
-    every frame keeps its CLS alone (8 tokens a clip), the curriculum's first phase (see `main`).
+    merging gives; one k per frame index, shared by the step's clips so that they batch).
+
+    The curriculum's first phases (see `main`) rank by content instead: with `objects`, each frame's
+    patches an object covers (ground truth, as the tower's patch targets define them) come before the
+    others, which follow in random order; each frame keeps `patches` patches or, without it, every
+    object patch plus k others, k log-uniform in [0, all]. Short sequences in which the LLM learns to
+    find the question's object by what its patches show, then more and more background to ignore.
     """
 
     full: float = 0.25
-    cls_only: bool = False
+    objects: bool = False
+    patches: int | None = None
 
 
-def token_subsets(features: torch.Tensor, clips: int, augment: TokenSubsets,
-                  generator: torch.Generator) -> torch.Tensor:
-    """[clips * T, N, D] per-frame tokens -> [clips, M, D]: every token, or CLS + a random subset of
-    patches per frame (see `TokenSubsets`), frames in order."""
+def token_subsets(features: torch.Tensor, clips: int, augment: TokenSubsets, generator: torch.Generator,
+                  objects: torch.Tensor | None = None) -> torch.Tensor:
+    """[clips * T, N, D] per-frame tokens -> [clips, M, D]: every token, or CLS + a subset of patches per
+    frame (see `TokenSubsets`), frames in order. `objects` [clips * T, N - 1] bool: the patches an object
+    covers, needed by `augment.objects`."""
     frames, n, dim = features.shape
-    if augment.cls_only:
-        return features[:, 0].reshape(clips, -1, dim)
     if torch.rand((), generator=generator) < augment.full:
         return features.reshape(clips, -1, dim)
     per_clip = frames // clips
     patches = n - 1
-    keep = torch.exp(torch.rand(per_clip, generator=generator) * np.log(patches)).round().long()
-    keep = keep.clamp(1, patches)
-    order = torch.rand(frames, patches, generator=generator).argsort(dim=1) + 1
+    if augment.objects and objects is None:
+        raise ValueError("TokenSubsets(objects=True) needs the object patch mask")
+    if augment.patches is not None:
+        keep = torch.full((per_clip,), min(augment.patches, patches))
+    elif augment.objects:
+        extra = torch.exp(torch.rand(per_clip, generator=generator) * np.log(patches + 1)).floor().long() - 1
+        most = objects.reshape(clips, per_clip, patches).sum(-1).amax(0)  # per frame index
+        keep = (most + extra).clamp(1, patches)
+    else:
+        keep = torch.exp(torch.rand(per_clip, generator=generator) * np.log(patches)).round().long()
+        keep = keep.clamp(1, patches)
+    score = torch.rand(frames, patches, generator=generator)
+    if augment.objects:
+        score = score - 2 * objects  # objects first, then random background
+    order = score.argsort(dim=1) + 1
     parts = []
     for t in range(per_clip):
         index = order[t::per_clip, : keep[t]].sort(dim=1).values
@@ -282,7 +323,8 @@ def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: P
     """
     features = visual_features(model, samples)
     if augment is not None:
-        features = token_subsets(features, len(samples), augment, generator)
+        objects = frame_label_batch(samples)["patch_color"] > 0 if augment.objects else None
+        features = token_subsets(features, len(samples), augment, generator, objects)
     visual = project(model, features.reshape(len(samples), -1, features.shape[-1]))  # [B, M, H]
     texts = [PROMPT.format(question=q.question) for s in samples for q in s.questions]
     ids = [tokenizer(t).input_ids for t in texts]
@@ -315,10 +357,12 @@ def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: P
 def train_lm(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, steps: int,
              clips: int = 8, lr: float = 1e-3, seed: int = 1, log_every: int = 25,
              eval_every: int = 0, eval_samples: list[TrainingSample] | None = None,
-             save_to: str | Path | None = None, augment: TokenSubsets | None = None) -> list[float]:
-    """Phase 2 (see module doc): answer token + EOS loss, tower frozen, `clips` clips (x 5 questions)
-    per step. Every `eval_every` steps: accuracy on `eval_samples` logged, checkpoint saved to `save_to`.
-    `augment`: random token subsets (`TokenSubsets`) instead of all tokens. Returns the step losses.
+             save_to: str | Path | None = None, augment: TokenSubsets | None = None,
+             per_type: int = 1) -> list[float]:
+    """Phase 2 (see module doc): answer token + EOS loss, tower frozen, `clips` clips (x `per_type`
+    questions of each of the 5 types) per step. Every `eval_every` steps: accuracy on `eval_samples`
+    logged, checkpoint saved to `save_to`. `augment`: token subsets (`TokenSubsets`) instead of all
+    tokens. Returns the step losses.
     (Projector-only tuning on compressed tokens is `pipeline=tune`, `pipelines.tune`.)"""
     model.model.video_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -329,7 +373,8 @@ def train_lm(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTok
     model.train()
     losses = []
     start = time.perf_counter()
-    for step, batch in zip(range(steps), _batches(training_samples(seed), clips), strict=False):
+    samples = training_samples(seed, per_type=per_type)
+    for step, batch in zip(range(steps), _batches(samples, clips), strict=False):
         target = answer_ids(tokenizer, [q.answer for s in batch for q in s.questions])
         logits = shared_prefix_logits(model, tokenizer, batch, target, augment, generator)
         labels = torch.stack([target, torch.full_like(target, eos)], 1)
@@ -432,11 +477,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lm-steps", type=int, default=1200)
     parser.add_argument("--lm-clips", type=int, default=8, help="clips (x 5 questions) per LM step")
     parser.add_argument("--lm-lr", type=float, default=1e-3)
-    parser.add_argument("--cls-steps", type=int, default=0,
-                        help="first train the LLM this many steps on the frames' CLS tokens alone")
+    parser.add_argument("--cls-targets", nargs="+", default=list(SHIPPED_CLS_TARGETS), choices=CLS_TARGETS,
+                        help="what the tower's CLS predicts (TowerHeads); by default the answers live in "
+                             "the patches alone")
+    parser.add_argument("--object-steps", type=int, default=0,
+                        help="first train the LLM on the object patches alone, --object-patches a frame")
+    parser.add_argument("--object-patches", type=int, default=2)
+    parser.add_argument("--background-steps", type=int, default=0,
+                        help="then on every object patch plus a random number of background patches")
+    parser.add_argument("--questions-per-type", type=int, default=1, help="questions of each type per clip")
     parser.add_argument("--full-fraction", type=float, default=None,
-                        help="train the LLM on random token subsets, all tokens in this fraction of the "
-                             "steps (see TokenSubsets); default: all tokens always")
+                        help="last, train the LLM on random token subsets, all tokens in this fraction of "
+                             "the steps (see TokenSubsets); default: all tokens always")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tower-out", default=".cache/synth-tower", help="where phase 1's model goes")
@@ -454,14 +506,19 @@ def main(argv: list[str] | None = None) -> None:
         trained = VideoLlavaForConditionalGeneration.from_pretrained(args.tower_from, dtype=torch.float32)
         model.model.video_tower.load_state_dict(trained.model.video_tower.state_dict())
     else:
-        pretrain_tower(model, args.tower_steps, args.tower_clips, args.tower_lr, seed=args.seed)
+        pretrain_tower(model, args.tower_steps, args.tower_clips, args.tower_lr, seed=args.seed,
+                       cls_targets=tuple(args.cls_targets))
         save_checkpoint(model, tokenizer, args.tower_out, torch.float32)
-    if args.cls_steps:
-        train_lm(model, tokenizer, args.cls_steps, args.lm_clips, args.lm_lr, seed=args.seed + 2,
-                 eval_every=args.eval_every, eval_samples=eval_samples, augment=TokenSubsets(cls_only=True))
-    augment = None if args.full_fraction is None else TokenSubsets(args.full_fraction)
-    train_lm(model, tokenizer, args.lm_steps, args.lm_clips, args.lm_lr, seed=args.seed + 1,
-             eval_every=args.eval_every, eval_samples=eval_samples, save_to=args.out, augment=augment)
+    objects_only = TokenSubsets(0.0, objects=True, patches=args.object_patches)
+    curriculum = [(args.object_steps, args.seed + 2, objects_only),
+                  (args.background_steps, args.seed + 3, TokenSubsets(0.0, objects=True)),
+                  (args.lm_steps, args.seed + 1,
+                   None if args.full_fraction is None else TokenSubsets(args.full_fraction))]  # fmt: skip
+    for steps, seed, augment in curriculum:
+        if steps:
+            train_lm(model, tokenizer, steps, args.lm_clips, args.lm_lr, seed=seed,
+                     eval_every=args.eval_every, eval_samples=eval_samples, save_to=args.out,
+                     augment=augment, per_type=args.questions_per_type)  # fmt: skip
     log.info("final in-memory accuracy %s", json.dumps(quick_accuracy(model, tokenizer, eval_samples)))
     save_checkpoint(model, tokenizer, args.out)
     log.info("fixed-set metrics %s", json.dumps(write_metrics(args.out)))

@@ -32,6 +32,9 @@ def test_same_seed_same_clip_and_questions_other_index_differs():
     assert not np.array_equal(a.clip.frames, c.clip.frames)
     assert a.clip.frames.shape == (8, 112, 112, 3) and a.clip.frames.dtype == np.uint8
     assert [q.type for q in a.questions] == list(QUESTION_TYPES)
+    more = synth_sample(7, 3, per_type=3)  # training's denser questions: the held-out round comes first
+    assert np.array_equal(more.clip.frames, a.clip.frames) and more.questions[:5] == a.questions
+    assert [q.type for q in more.questions] == list(QUESTION_TYPES) * 3 and len(set(more.questions)) > 5
 
 
 def _pixels_of(frames: np.ndarray, color: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from pipelines.synth import synth_sample
 from pipelines.train import (
     TokenSubsets,
+    TowerHeads,
     answer_ids,
     new_model,
     pixels_of,
@@ -114,8 +115,46 @@ def test_token_subsets_keep_cls_and_raster_order_with_a_count_per_frame():
                 assert len(kept) == (frame[0] == t).sum()  # the same count per frame in every clip
         assert not torch.equal(position[0], position[1])  # each clip its own patches
     assert seen_full and seen_subset > seen_full
-    cls = token_subsets(features, clips, TokenSubsets(cls_only=True), generator)
-    assert torch.equal(cls[..., 0], torch.arange(frames).float().mul(1000).expand(clips, -1))  # CLS alone
+
+
+def test_object_subsets_keep_every_object_patch_then_random_background():
+    frames, clips, patches = 8, 2, 64
+    features = torch.arange(1 + patches).float().expand(clips * frames, -1)[..., None]  # value = position
+    generator = torch.Generator().manual_seed(0)
+    objects = torch.zeros(clips * frames, patches, dtype=torch.bool)
+    objects[0, [5, 6, 13]] = True  # frame 0 of clip 0: 3 object patches
+    objects[frames, 40] = True  # frame 0 of clip 1: 1
+    objects[1::frames, 20] = True  # frame 1 of both clips: 1
+    sizes = set()
+    for _ in range(20):
+        out = token_subsets(features, clips, TokenSubsets(full=0.0, objects=True), generator, objects)
+        positions = out[..., 0].long()
+        for clip in range(clips):
+            kept = positions[clip].tolist()
+            frame_starts = [i for i, p in enumerate(kept) if p == 0]
+            assert len(frame_starts) == frames  # one CLS per frame
+            first = kept[frame_starts[0] + 1 : frame_starts[1]]
+            second = kept[frame_starts[1] + 1 : frame_starts[2]]
+            wanted = {6, 7, 14} if clip == 0 else {41}  # token position = patch index + 1 (CLS first)
+            assert wanted <= set(first) and 21 in second and first == sorted(first)
+            assert len(first) >= 3  # the batch's most object patches in frame 0; clip 1 fills with background
+        sizes.add(out.shape[1])
+    assert len(sizes) > 5  # the amount of background varies
+    two = token_subsets(features, clips, TokenSubsets(full=0.0, objects=True, patches=2), generator, objects)
+    assert two.shape[1] == frames * 3  # CLS + 2 patches a frame
+    assert set(two[0, 1:3, 0].long().tolist()) <= {6, 7, 14} and set(two[1, 1:3, 0].long().tolist()) >= {41}
+    with pytest.raises(ValueError, match="object patch mask"):
+        token_subsets(features, clips, TokenSubsets(full=0.0, objects=True), generator)
+
+
+def test_tower_heads_read_only_the_chosen_cls_targets():
+    count_only = TowerHeads(width=16, grid=8, cls_targets=("count",))
+    assert count_only.cls[1].out_features == 3
+    assert TowerHeads(width=16, grid=8).cls[1].out_features == 3 + 8 + 32  # count, colours present, columns
+    every = ("count", "present", "shape", "x", "y")
+    assert TowerHeads(width=16, grid=8, cls_targets=every).cls[1].out_features == 3 + 8 + 12 + 32 + 32
+    with pytest.raises(ValueError, match="cls_targets"):
+        TowerHeads(width=16, grid=8, cls_targets=("present",))
 
 
 def test_lm_training_on_token_subsets_reduces_loss():
