@@ -5,12 +5,13 @@ the LLM cannot learn what to look for before the tower shows it anything. So, in
 
 1. `tower`: the CLIP tower alone learns, from single frames, what each frame holds. At the selection
    layer (the one Video-LLaVA feeds the LLM, -2) its CLS predicts the object count, which colours are
-   present and each one's column (`--cls-targets`): to say that, its attention must find the objects
-   (VisionZip's premise), but the CLS holds no shape and no row (top/bottom half), which only the
-   object patches hold. Every patch token predicts its own row and
-   column and, jointly with each, the object (colour x shape) covering it: a conjunctive code, so that
-   the LLM can read "the red object is a circle in the top half" from the object patches without binding
-   separate colour and shape features. No LLM runs, so a step is cheap.
+   present and each one's column (`--cls-targets`), but no shape and no row (top/bottom half): those
+   live only in the object patches, so token selection matters. (Measured: this CLS's attention, which
+   VisionZip selects by, finds the objects hardly more often than random patches do; a CLS that also
+   predicts shapes finds them, but then it holds the answers; see `bench.bench_retention`.) Every patch
+   token predicts its own row and column and, jointly with each, the object (colour x shape) covering
+   it: a conjunctive code, so that the LLM can read "the red object is a circle in the top half" from
+   the object patches without binding separate colour and shape features. No LLM runs: a step is cheap.
 2. `lm`: tower frozen; the multimodal projector and the LLM learn the answer token and EOS, built by
    the answer stage's own `build_inputs` prompt, so training and inference read exactly the same
    prompt. A curriculum of token subsets (`TokenSubsets`), because among 520 tokens a from-scratch LLM
