@@ -24,6 +24,7 @@ It runs in this process, on the model's device (`model.device=auto`: the GPU whe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -70,8 +71,11 @@ def run_tune(job: JobConfig) -> dict:
         raise RuntimeError(f"no video of {job.data.manifest} could be encoded: {errors}")
     log.info("tuning the projector on %d questions about %d videos (%d videos failed)", len(examples),
              len(tokens), len(errors))
+    # the starting projector's weights, not only the model's path: a checkpoint retrained in the same
+    # folder (or another model.projector_path) must not resume a run tuned from other weights
     fingerprint = {"manifest": str(Path(job.data.manifest).resolve()), "questions": len(examples),
                    "compression": asdict(job.compression), "model": job.model.path,
+                   "projector_start": weights_digest(model.model.multi_modal_projector),
                    "tune": {k: v for k, v in asdict(cfg).items()
                             if k not in ("out", "resume", "checkpoint_every")}}
     losses = tune_projector(model, tokenizer, tokens, examples, cfg, fingerprint)
@@ -81,6 +85,15 @@ def run_tune(job: JobConfig) -> dict:
                "seconds": time.perf_counter() - start, **fingerprint}
     (out / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {**{k: v for k, v in summary.items() if k != "losses"}, "summary": str(out / "tune.json")}
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's weights (names, shapes and values as float32)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(f"{name}{tuple(value.shape)}".encode())
+        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def tune_projector(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,

@@ -124,6 +124,10 @@ def test_a_killed_run_resumes_to_the_same_weights(data, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="checkpoint of another tuning run"):
         run_job(tune_job(data, tmp_path / "killed", "pipeline.tune.lr=1e-3"))
+    # same model path and settings, other starting weights (as after retraining the checkpoint in place)
+    tuned = tmp_path / "straight" / "projector.safetensors"
+    with pytest.raises(ValueError, match="projector_start"):
+        run_job(tune_job(data, tmp_path / "killed", f"model.projector_path={tuned}"))
     run_job(tune_job(data, tmp_path / "killed", "pipeline.tune.lr=1e-3", "pipeline.tune.resume=false"))
     fresh = json.loads((tmp_path / "killed" / "tune.json").read_text())
     assert fresh["losses"][0] == straight["losses"][0] and fresh["losses"][1:] != straight["losses"][1:]
