@@ -158,13 +158,11 @@ def objects_kept(model_path: str, seed: int, clips: int, chunk: int = 8) -> dict
                      "dominant_only": zip_clip(tower, pixels, PAPER_BUDGET, 0, layer).dominant_index,
                      "random": random_patch_index(len(pixels), tokens_per_frame(model), PAPER_BUDGET, start)}
         for k, sample in enumerate(samples):
-            owner = frame_labels(sample.clip, PATCH)["patch_color"]  # [T, 64]: 1 + colour, 0 = background
-            frames = range(k * len(owner), (k + 1) * len(owner))
-            for obj in sample.clip.objects:
-                mine = 1 + list(COLORS).index(obj.color)
-                for rule, idx in index.items():
-                    patches = [owner[t % len(owner)][idx[t, 1:].numpy() - 1] for t in frames]  # CLS left out
-                    kept[rule].append(any((p == mine).any() for p in patches))
+            owner = torch.from_numpy(frame_labels(sample.clip, PATCH)["patch_color"])  # [T, P]: 1 + colour
+            for rule, idx in index.items():
+                shown = owner.gather(1, idx[k * len(owner) : (k + 1) * len(owner), 1:] - 1)  # CLS left out
+                kept[rule] += [bool((shown == 1 + list(COLORS).index(obj.color)).any())
+                               for obj in sample.clip.objects]  # fmt: skip
     return {rule: sum(v) / len(v) for rule, v in kept.items()}
 
 

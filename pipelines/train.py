@@ -476,7 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tower-clips", type=int, default=8, help="clips (x 8 frames) per tower step")
     parser.add_argument("--tower-lr", type=float, default=2e-3)
     parser.add_argument("--lm-steps", type=int, default=1200)
-    parser.add_argument("--lm-clips", type=int, default=8, help="clips (x 5 questions) per LM step")
+    parser.add_argument("--lm-clips", type=int, default=8,
+                        help="clips (x 5 x --questions-per-type questions) per LM step")
     parser.add_argument("--lm-lr", type=float, default=1e-3)
     parser.add_argument("--cls-targets", nargs="+", default=list(SHIPPED_CLS_TARGETS), choices=CLS_TARGETS,
                         help="what the tower's CLS predicts (TowerHeads); by default the answers live in "
