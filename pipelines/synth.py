@@ -214,7 +214,9 @@ def frame_labels(clip: SynthClip, patch: int = 14) -> dict[str, np.ndarray]:
     of the frame the centre is in, -1 when absent; an object's bin moves by 2 over a clip, so the
     first and last frames tell its direction); `patch_color` [T, P] (0 = background, 1 + colour index
     of the object covering most of the patch when it covers at least a quarter of it) and
-    `patch_shape` [T, P] likewise.
+    `patch_shape` [T, P] likewise; `object_share` [T, P] float32: every object gets an equal share of 1,
+    spread over the patches it covers in proportion to its pixels in each (a target for where the
+    tower's CLS attends, `pipelines.train.cls_attention_loss`).
     """
     t_count, size = clip.owner.shape[0], clip.owner.shape[1]
     n_colors = len(COLORS)
@@ -236,9 +238,10 @@ def frame_labels(clip: SynthClip, patch: int = 14) -> dict[str, np.ndarray]:
     colors = np.array([1 + list(COLORS).index(obj.color) for obj in clip.objects])
     shapes = np.array([1 + SHAPES.index(obj.shape) for obj in clip.objects])
     patch_color, patch_shape = np.where(covered, colors[owner], 0), np.where(covered, shapes[owner], 0)
+    share = (cover / cover.sum(-1, keepdims=True)).mean(0).astype(np.float32)
     count = np.full(t_count, len(clip.objects) - 1, np.int64)
     return {"count": count, "present": present, "shape": shape, "x": xs, "y": ys,
-            "patch_color": patch_color, "patch_shape": patch_shape}
+            "patch_color": patch_color, "patch_shape": patch_shape, "object_share": share}
 
 
 def write_frames(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 12) -> Path:

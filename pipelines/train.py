@@ -168,6 +168,15 @@ def frame_label_batch(samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(np.concatenate([f[key] for f in per_clip])) for key in per_clip[0]}
 
 
+def cls_attention_loss(cls_attn: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy from the target `share` [B, P] (sums to 1 per frame) to the selection layer's CLS
+    attention over the patches [B, H, 1 + P], averaged over heads and renormalised without the CLS:
+    exactly the distribution whose top entries VisionZip keeps (`visionzip.zip_tokens`)."""
+    attention = cls_attn[:, :, 1:].mean(1)
+    attention = attention / attention.sum(-1, keepdim=True)
+    return -(share * attention.clamp(min=1e-12).log()).sum(-1).mean()
+
+
 def selection_features(model: VideoLlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
     """hidden_states[vision_feature_layer] of the video tower (blocks after it skipped)."""
     return clip_selection_layer_outputs(model.model.video_tower, pixels, feature_layer(model))[0]
@@ -195,10 +204,11 @@ def _lr(step: int, steps: int, lr: float) -> float:
 
 
 def pretrain_tower(model: VideoLlavaForConditionalGeneration, steps: int, clips: int = 8, lr: float = 2e-3,
-                   seed: int = 0, log_every: int = 50, cls_targets: tuple[str, ...] = SHIPPED_CLS_TARGETS
-                   ) -> list[float]:
-    """Phase 1 (see module doc); `cls_targets`: what the CLS predicts (`TowerHeads`). Returns the loss of
-    every step."""
+                   seed: int = 0, log_every: int = 50, cls_targets: tuple[str, ...] = SHIPPED_CLS_TARGETS,
+                   attention_weight: float = 0.0) -> list[float]:
+    """Phase 1 (see module doc); `cls_targets`: what the CLS predicts (`TowerHeads`); `attention_weight`:
+    of `cls_attention_loss` towards the objects (`object_share`), 0 = off. Returns the loss of every
+    step."""
     tower = model.model.video_tower
     torch.manual_seed(seed)
     vision = model.config.vision_config
@@ -209,7 +219,11 @@ def pretrain_tower(model: VideoLlavaForConditionalGeneration, steps: int, clips:
     losses = []
     start = time.perf_counter()
     for step, batch in zip(range(steps), _batches(training_samples(seed), clips), strict=False):
-        loss = heads.loss(selection_features(model, pixels_of(batch)), frame_label_batch(batch))
+        labels = frame_label_batch(batch)
+        features, cls_attn, _ = clip_selection_layer_outputs(tower, pixels_of(batch), feature_layer(model))
+        loss = heads.loss(features, labels)
+        if attention_weight:
+            loss = loss + attention_weight * cls_attention_loss(cls_attn, labels["object_share"])
         losses.append(_optimizer_step(opt, params, loss, _lr(step, steps, lr)))
         if log_every and (step + 1) % log_every == 0:
             log.info("tower step %d/%d loss %.4f (%.0f s)", step + 1, steps, np.mean(losses[-log_every:]),
@@ -482,6 +496,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cls-targets", nargs="+", default=list(SHIPPED_CLS_TARGETS), choices=CLS_TARGETS,
                         help="what the tower's CLS predicts (TowerHeads); by default the answers live in "
                              "the patches alone")
+    parser.add_argument("--attention-weight", type=float, default=0.0,
+                        help="weight of a loss that teaches the tower's CLS to attend to the objects "
+                             "(cls_attention_loss): VisionZip's premise, made to hold")
     parser.add_argument("--object-steps", type=int, default=0,
                         help="first train the LLM on the object patches alone, --object-patches a frame")
     parser.add_argument("--object-patches", type=int, default=2)
@@ -509,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
         model.model.video_tower.load_state_dict(trained.model.video_tower.state_dict())
     else:
         pretrain_tower(model, args.tower_steps, args.tower_clips, args.tower_lr, seed=args.seed,
-                       cls_targets=tuple(args.cls_targets))
+                       cls_targets=tuple(args.cls_targets), attention_weight=args.attention_weight)
         save_checkpoint(model, tokenizer, args.tower_out, torch.float32)
     objects_only = TokenSubsets(0.0, objects=True, patches=args.object_patches)
     curriculum = [(args.object_steps, args.seed + 2, objects_only),

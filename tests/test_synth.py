@@ -107,7 +107,11 @@ def test_frame_labels_follow_the_objects():
         labelled = labels["patch_color"] == c + 1
         assert labelled.any(1).all() and (per_patch[labelled] >= 49).all()
         assert (labels["patch_shape"][labelled] == SHAPES.index(obj.shape) + 1).all()
+        # each object holds 1/n of the attention target, on its own pixels only
+        share = labels["object_share"] * (per_patch > 0)
+        assert np.allclose(share.sum(1), 1 / n, atol=1e-6)
     assert labels["patch_color"].shape == (8, 64)
+    assert np.allclose(labels["object_share"].sum(1), 1, atol=1e-6)
 
 
 def test_make_clip_rejects_tiny_sizes():

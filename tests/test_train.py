@@ -12,6 +12,7 @@ from pipelines.train import (
     TokenSubsets,
     TowerHeads,
     answer_ids,
+    cls_attention_loss,
     new_model,
     pixels_of,
     pretrain_tower,
@@ -35,6 +36,33 @@ def test_tower_pretraining_reduces_loss_deterministically():
     assert np.mean(losses[-4:]) < 0.9 * np.mean(losses[:4])  # seeded: the same losses on every run
     again, _ = new_model(0, **SMALL)
     assert pretrain_tower(again, steps=16, clips=2, lr=3e-3, seed=0, log_every=0) == losses
+
+
+def test_cls_attention_loss_is_the_cross_entropy_of_the_head_mean_patch_attention():
+    cls_attn = torch.tensor([[[0.5, 0.25, 0.25, 0.0], [0.2, 0.0, 0.4, 0.4]]])  # [1 frame, 2 heads, CLS + 3]
+    share = torch.tensor([[0.0, 1.0, 0.0]])
+    # head mean over the patches: 0.125, 0.325, 0.2 -> renormalised 0.325 / 0.65 = 0.5 on the target
+    assert torch.isclose(cls_attention_loss(cls_attn, share), torch.tensor(np.log(2.0), dtype=torch.float32))
+
+
+def test_tower_attention_loss_moves_the_cls_attention_onto_the_objects():
+    from pipelines.train import frame_label_batch
+    from visionzip import clip_selection_layer_outputs
+
+    samples = [synth_sample(6, i) for i in range(4)]
+    objects = frame_label_batch(samples)["patch_color"] > 0
+
+    def object_mass(model) -> float:
+        with torch.no_grad():
+            cls_attn = clip_selection_layer_outputs(model.model.video_tower, pixels_of(samples))[1]
+        attn = cls_attn[:, :, 1:].mean(1)
+        return float((attn * objects).sum() / attn.sum())
+
+    plain, _ = new_model(0, **SMALL)
+    pretrain_tower(plain, steps=16, clips=2, lr=3e-3, seed=0, log_every=0)
+    taught, _ = new_model(0, **SMALL)
+    pretrain_tower(taught, steps=16, clips=2, lr=3e-3, seed=0, log_every=0, attention_weight=1.0)
+    assert object_mass(taught) > object_mass(plain) + 0.1
 
 
 def test_lm_training_reduces_loss_and_leaves_the_tower_bit_identical():
