@@ -43,6 +43,7 @@ FRAME_SIZE = 112
 NUM_FRAMES = 8
 SPEED = 4  # pixels per frame: 28 px (2 patches) over 8 frames
 POSITION_BINS = 8  # per axis, for the per-frame position targets: a bin is a patch wide (14 px)
+CENTER_BINS = FRAME_SIZE // SPEED  # per axis, for the per-patch object centre: a bin is a frame's motion
 
 
 @dataclass(frozen=True)
@@ -214,9 +215,11 @@ def frame_labels(clip: SynthClip, patch: int = 14) -> dict[str, np.ndarray]:
     of the frame the centre is in, -1 when absent; an object's bin moves by 2 over a clip, so the
     first and last frames tell its direction); `patch_color` [T, P] (0 = background, 1 + colour index
     of the object covering most of the patch when it covers at least a quarter of it) and
-    `patch_shape` [T, P] likewise; `object_share` [T, P] float32: every object gets an equal share of 1,
-    spread over the patches it covers in proportion to its pixels in each (a target for where the
-    tower's CLS attends, `pipelines.train.cls_attention_loss`).
+    `patch_shape` [T, P], `patch_direction` [T, P] (1 + index in `DIRECTIONS`) and `patch_x`,
+    `patch_y` [T, P] (1 + which of `CENTER_BINS` columns / rows the object's centre is in) likewise;
+    `object_share` [T, P] float32: every object gets an equal share of 1, spread over the patches it
+    covers in proportion to its pixels in each (a target for where the tower's CLS attends,
+    `pipelines.train.cls_attention_loss`).
     """
     t_count, size = clip.owner.shape[0], clip.owner.shape[1]
     n_colors = len(COLORS)
@@ -237,11 +240,18 @@ def frame_labels(clip: SynthClip, patch: int = 14) -> dict[str, np.ndarray]:
     covered, owner = cover.max(0) * 4 >= patch * patch, cover.argmax(0)
     colors = np.array([1 + list(COLORS).index(obj.color) for obj in clip.objects])
     shapes = np.array([1 + SHAPES.index(obj.shape) for obj in clip.objects])
+    directions = np.array([1 + list(DIRECTIONS).index(obj.direction) for obj in clip.objects])
+    centers = np.array([[obj.center(t) for obj in clip.objects] for t in range(t_count)])  # [T, K, 2]
+    center_bins = 1 + np.minimum(CENTER_BINS - 1, (centers * CENTER_BINS // size).astype(np.int64))
+    at_owner = np.take_along_axis(center_bins, owner[..., None], axis=1)  # [T, P, 2]
     patch_color, patch_shape = np.where(covered, colors[owner], 0), np.where(covered, shapes[owner], 0)
+    patch_direction = np.where(covered, directions[owner], 0)
+    patch_x, patch_y = np.where(covered, at_owner[..., 0], 0), np.where(covered, at_owner[..., 1], 0)
     share = (cover / cover.sum(-1, keepdims=True)).mean(0).astype(np.float32)
     count = np.full(t_count, len(clip.objects) - 1, np.int64)
     return {"count": count, "present": present, "shape": shape, "x": xs, "y": ys,
-            "patch_color": patch_color, "patch_shape": patch_shape, "object_share": share}
+            "patch_color": patch_color, "patch_shape": patch_shape, "patch_direction": patch_direction,
+            "patch_x": patch_x, "patch_y": patch_y, "object_share": share}
 
 
 def write_frames(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 12) -> Path:

@@ -50,7 +50,9 @@ from transformers import (
 )
 
 from pipelines.synth import (
+    CENTER_BINS,
     COLORS,
+    DIRECTIONS,
     FRAME_SIZE,
     NUM_FRAMES,
     POSITION_BINS,
@@ -128,8 +130,9 @@ class TowerHeads(nn.Module):
                              f"got {cls_targets}")
         self.sizes = {key: size for key, size in sizes.items() if key in cls_targets}
         objects = len(COLORS) * len(SHAPES)
-        self.patch_sizes = {"object_row": 1 + objects * grid, "object_col": 1 + objects * grid, "row": grid,
-                            "col": grid}  # fmt: skip
+        self.patch_sizes = {"object_row": 1 + objects * grid, "object_col": 1 + objects * grid,
+                            "row": grid, "col": grid,
+                            "object_x": 1 + CENTER_BINS, "object_y": 1 + CENTER_BINS}  # fmt: skip
         self.grid = grid
         self.cls = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, sum(self.sizes.values())))
         self.patch = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, sum(self.patch_sizes.values())))
@@ -146,7 +149,9 @@ class TowerHeads(nn.Module):
         # every patch token says where it is (row, column) and which object (colour x shape) covers it
         # jointly with that row and with that column: a conjunctive code, so that the LLM can read "the
         # red object is a circle in the top half" from any average of object patches without having to
-        # bind separate colour and shape features by attention (which the small LLM did not learn)
+        # bind separate colour and shape features by attention (which the small LLM did not learn); and
+        # where the object's centre is, a frame's motion (4 px) per bin, finer than the 2 patches it
+        # travels in a clip, so that its direction can be read by comparing frames
         place = torch.arange(self.grid * self.grid).expand(len(features), -1)
         row, col = place // self.grid, place % self.grid
         covered = labels["patch_color"] > 0
@@ -154,7 +159,8 @@ class TowerHeads(nn.Module):
         obj = color * len(SHAPES) + shape
         targets = {"row": row, "col": col,
                    "object_row": torch.where(covered, 1 + obj * self.grid + row, 0),
-                   "object_col": torch.where(covered, 1 + obj * self.grid + col, 0)}  # fmt: skip
+                   "object_col": torch.where(covered, 1 + obj * self.grid + col, 0),
+                   "object_x": labels["patch_x"], "object_y": labels["patch_y"]}  # fmt: skip
         patch = self.patch(features[:, 1:]).split(list(self.patch_sizes.values()), dim=-1)
         for key, logits in zip(self.patch_sizes, patch, strict=True):
             total = total + F.cross_entropy(logits.flatten(0, 1), targets[key].flatten())
@@ -285,9 +291,17 @@ def token_subsets(features: torch.Tensor, clips: int, augment: TokenSubsets, gen
     frame (see `TokenSubsets`), frames in order. `objects` [clips * T, N - 1] bool: the patches an object
     covers, needed by `augment.objects`."""
     frames, n, dim = features.shape
-    if torch.rand((), generator=generator) < augment.full:
-        return features.reshape(clips, -1, dim)
+    index = subset_index(frames, n, clips, augment, generator, objects)
+    return features.reshape(clips, -1, dim).gather(1, index[..., None].expand(-1, -1, dim))
+
+
+def subset_index(frames: int, n: int, clips: int, augment: TokenSubsets, generator: torch.Generator,
+                 objects: torch.Tensor | None = None) -> torch.Tensor:
+    """`token_subsets`' choice [clips, M]: positions in each clip's T * N tokens (frame t's token j is
+    t * N + j)."""
     per_clip = frames // clips
+    if torch.rand((), generator=generator) < augment.full:
+        return torch.arange(per_clip * n).expand(clips, -1)
     patches = n - 1
     if augment.objects and objects is None:
         raise ValueError("TokenSubsets(objects=True) needs the object patch mask")
@@ -307,9 +321,40 @@ def token_subsets(features: torch.Tensor, clips: int, augment: TokenSubsets, gen
     parts = []
     for t in range(per_clip):
         index = order[t::per_clip, : keep[t]].sort(dim=1).values
-        index = torch.cat([torch.zeros(clips, 1, dtype=torch.long), index], dim=1)
-        parts.append(features[t::per_clip].gather(1, index[..., None].expand(-1, -1, dim)))
+        parts += [torch.zeros(clips, 1, dtype=torch.long) + t * n, index + t * n]
     return torch.cat(parts, dim=1)
+
+
+class MotionProbe(nn.Module):
+    """Training-only readout of the LLM's hidden state at visual tokens: which way the object that a
+    patch shows moves (`patch_direction`), from patches in the second half of the clip.
+
+    The answer loss alone never taught the small LLM direction (it stayed at chance even trained on
+    direction alone): the answer needs a circuit that compares an object's place across frames, and
+    nothing rewards its parts before it works. This dense loss rewards them where they can form: a
+    later frame's object patch attends (causally) to the same object's earlier patches and tells how
+    its row and column changed. The question then reads it from the object's patches, as it reads the
+    shape. It is dropped from the saved model.
+    """
+
+    def __init__(self, width: int, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.head = nn.Linear(width, len(DIRECTIONS))
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """hidden [B, M, W] at the visual tokens, labels [B, M] (0 = no target, else 1 + direction)."""
+        return F.cross_entropy(self.head(hidden).flatten(0, 1), labels.flatten() - 1, ignore_index=-1)
+
+
+def motion_labels(samples: list[TrainingSample], index: torch.Tensor, n: int) -> torch.Tensor:
+    """[clips, M] `MotionProbe` targets of the tokens `index` chose (`subset_index`): 1 + direction of
+    the object a patch shows in frames T/2.., else 0 (CLS, background, early frames)."""
+    direction = frame_label_batch(samples)["patch_direction"].reshape(len(samples), NUM_FRAMES, n - 1)
+    late = torch.arange(NUM_FRAMES)[:, None] >= NUM_FRAMES // 2
+    per_token = torch.cat([torch.zeros(len(samples), NUM_FRAMES, 1, dtype=torch.long),
+                           direction * late], dim=2).flatten(1)  # fmt: skip
+    return per_token.gather(1, index)
 
 
 def visual_features(model: VideoLlavaForConditionalGeneration, samples: list[TrainingSample],
@@ -325,8 +370,8 @@ def visual_features(model: VideoLlavaForConditionalGeneration, samples: list[Tra
 
 def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
                          samples: list[TrainingSample], targets: torch.Tensor,
-                         augment: TokenSubsets | None = None,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         augment: TokenSubsets | None = None, generator: torch.Generator | None = None,
+                         motion: MotionProbe | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits [B * Q, 2, vocab] for every question of every clip: at the prompt's last token (predicts
     the answer) and at the answer token (predicts EOS); `targets` [B * Q] are the answer tokens.
 
@@ -334,13 +379,17 @@ def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: P
     prefix (the visual tokens) once per clip and each question continues from its key/value cache: the
     same numbers as one prompt at a time (causal attention), Q times cheaper. The tower runs without
     gradients (frozen in phase 2); the projector and the LLM with them. `augment` (with its `generator`)
-    shows the LLM random token subsets, see `TokenSubsets`.
+    shows the LLM random token subsets, see `TokenSubsets`. With `motion`, also returns its loss on the
+    LLM's visual tokens (else None).
     """
     features = visual_features(model, samples)
+    frames, n, dim = features.shape
+    index = torch.arange(frames // len(samples) * n).expand(len(samples), -1)
     if augment is not None:
         objects = frame_label_batch(samples)["patch_color"] > 0 if augment.objects else None
-        features = token_subsets(features, len(samples), augment, generator, objects)
-    visual = project(model, features.reshape(len(samples), -1, features.shape[-1]))  # [B, M, H]
+        index = subset_index(frames, n, len(samples), augment, generator, objects)
+    features = features.reshape(len(samples), -1, dim).gather(1, index[..., None].expand(-1, -1, dim))
+    visual = project(model, features)  # [B, M, H]
     texts = [PROMPT.format(question=q.question) for s in samples for q in s.questions]
     ids = [tokenizer(t).input_ids for t in texts]
     common = next(i for i in range(min(map(len, ids))) if len({row[i] for row in ids}) > 1)
@@ -352,7 +401,12 @@ def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: P
     prefix = torch.cat([embed(head[:at]).expand(len(samples), -1, -1), visual,
                         embed(head[at + 1 :]).expand(len(samples), -1, -1)], 1)  # fmt: skip
     lm = model.model.language_model
-    cache = lm(inputs_embeds=prefix, use_cache=True).cache
+    out = lm(inputs_embeds=prefix, use_cache=True, output_hidden_states=motion is not None)
+    motion_loss = None
+    if motion is not None:
+        hidden = out.hidden_states[motion.layer][:, at : at + visual.shape[1]]
+        motion_loss = motion.loss(hidden, motion_labels(samples, index, n))
+    cache = out.cache
     per_clip = len(ids) // len(samples)
     cache.batch_repeat_interleave(per_clip)
     tails = [row[common:] + [int(t)] for row, t in zip(ids, targets, strict=True)]
@@ -366,38 +420,46 @@ def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: P
                 use_cache=True).last_hidden_state  # fmt: skip
     last = torch.tensor([len(tail) - 2 for tail in tails])  # the prompt's last token
     rows = torch.arange(len(tails))[:, None]
-    return model.lm_head(hidden[rows, torch.stack([last, last + 1], 1)])
+    return model.lm_head(hidden[rows, torch.stack([last, last + 1], 1)]), motion_loss
 
 
 def train_lm(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, steps: int,
              clips: int = 8, lr: float = 1e-3, seed: int = 1, log_every: int = 25,
              eval_every: int = 0, eval_samples: list[TrainingSample] | None = None,
              save_to: str | Path | None = None, augment: TokenSubsets | None = None,
-             per_type: int = 1) -> list[float]:
+             per_type: int = 1, motion_weight: float = 0.0, motion_layer: int = 2) -> list[float]:
     """Phase 2 (see module doc): answer token + EOS loss, tower frozen, `clips` clips (x `per_type`
     questions of each of the 5 types) per step. Every `eval_every` steps: accuracy on `eval_samples`
     logged, checkpoint saved to `save_to`. `augment`: token subsets (`TokenSubsets`) instead of all
-    tokens. Returns the step losses.
+    tokens. `motion_weight`: of a `MotionProbe` loss on the output of LLM block `motion_layer` (0 = off).
+    Returns the step losses (answer + EOS only).
     (Projector-only tuning on compressed tokens is `pipeline=tune`, `pipelines.tune`.)"""
     model.model.video_tower.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(seed)
+    motion = MotionProbe(model.config.text_config.hidden_size, motion_layer) if motion_weight else None
+    params = [p for p in model.parameters() if p.requires_grad] + ([*motion.parameters()] if motion else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
     eos = tokenizer.eos_token_id
     model.train()
-    losses = []
+    losses, motion_losses = [], []
     start = time.perf_counter()
     samples = training_samples(seed, per_type=per_type)
     for step, batch in zip(range(steps), _batches(samples, clips), strict=False):
         target = answer_ids(tokenizer, [q.answer for s in batch for q in s.questions])
-        logits = shared_prefix_logits(model, tokenizer, batch, target, augment, generator)
+        logits, motion_loss = shared_prefix_logits(model, tokenizer, batch, target, augment, generator,
+                                                   motion)
         labels = torch.stack([target, torch.full_like(target, eos)], 1)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-        losses.append(_optimizer_step(opt, params, loss, _lr(step, steps, lr)))
+        losses.append(loss.item())
+        if motion_loss is not None:
+            motion_losses.append(motion_loss.item())
+            loss = loss + motion_weight * motion_loss
+        _optimizer_step(opt, params, loss, _lr(step, steps, lr))
         if log_every and (step + 1) % log_every == 0:
-            log.info("lm step %d/%d loss %.4f (%.0f s)", step + 1, steps, np.mean(losses[-log_every:]),
-                     time.perf_counter() - start)
+            log.info("lm step %d/%d loss %.4f%s (%.0f s)", step + 1, steps, np.mean(losses[-log_every:]),
+                     f" motion {np.mean(motion_losses[-log_every:]):.4f}" if motion else "",
+                     time.perf_counter() - start)  # fmt: skip
         if eval_every and eval_samples and (step + 1) % eval_every == 0:
             accuracy = quick_accuracy(model, tokenizer, eval_samples)
             log.info("lm step %d accuracy %s", step + 1, json.dumps(accuracy))
@@ -504,6 +566,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--object-patches", type=int, default=2)
     parser.add_argument("--background-steps", type=int, default=0,
                         help="then on every object patch plus a random number of background patches")
+    parser.add_argument("--motion-weight", type=float, default=0.0,
+                        help="weight of a training-only loss that teaches the LLM's visual tokens which way "
+                             "their object moves (MotionProbe), in every LLM phase")
     parser.add_argument("--questions-per-type", type=int, default=1, help="questions of each type per clip")
     parser.add_argument("--full-fraction", type=float, default=None,
                         help="last, train the LLM on random token subsets, all tokens in this fraction of "
@@ -537,7 +602,8 @@ def main(argv: list[str] | None = None) -> None:
         if steps:
             train_lm(model, tokenizer, steps, args.lm_clips, args.lm_lr, seed=seed,
                      eval_every=args.eval_every, eval_samples=eval_samples, save_to=args.out,
-                     augment=augment, per_type=args.questions_per_type)  # fmt: skip
+                     augment=augment, per_type=args.questions_per_type,
+                     motion_weight=args.motion_weight)  # fmt: skip
     log.info("final in-memory accuracy %s", json.dumps(quick_accuracy(model, tokenizer, eval_samples)))
     save_checkpoint(model, tokenizer, args.out)
     log.info("fixed-set metrics %s", json.dumps(write_metrics(args.out)))

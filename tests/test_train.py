@@ -81,7 +81,7 @@ def test_shared_prefix_logits_equal_one_prompt_at_a_time():
     targets = answer_ids(tokenizer, [q.answer for q in questions])
     answer = AnswerStage(model, tokenizer, max_new_tokens=1)
     with torch.no_grad():
-        shared = shared_prefix_logits(model, tokenizer, samples, targets)
+        shared, _ = shared_prefix_logits(model, tokenizer, samples, targets)
         visual = project(model, selection_features(model, pixels_of(samples))).unflatten(0, (2, -1))
         embeds = [v.flatten(0, 1) for v in visual for _ in range(5)]
         inputs = answer.build_inputs(embeds, [q.question for q in questions])  # left-padded batch
