@@ -6,12 +6,17 @@ the LLM cannot learn what to look for before the tower shows it anything. So, in
 1. `tower`: the CLIP tower alone learns, from single frames, what each frame holds. At the selection
    layer (the one Video-LLaVA feeds the LLM, -2) its CLS predicts the object count, which colours are
    present and each one's column (`--cls-targets`), but no shape and no row (top/bottom half): those
-   live only in the object patches, so token selection matters. (Measured: this CLS's attention, which
-   VisionZip selects by, finds the objects hardly more often than random patches do; a CLS that also
-   predicts shapes finds them, but then it holds the answers; see `bench.bench_retention`.) Every patch
-   token predicts its own row and column and, jointly with each, the object (colour x shape) covering
-   it: a conjunctive code, so that the LLM can read "the red object is a circle in the top half" from
-   the object patches without binding separate colour and shape features. No LLM runs: a step is cheap.
+   live only in the object patches, so token selection matters. Every patch token predicts its own row
+   and column and, jointly with each, the object (colour x shape) covering it: a conjunctive code, so
+   that the LLM can read "the red object is a circle in the top half" from the object patches without
+   binding separate colour and shape features; and where the object's centre is, to a frame's motion
+   (4 px), so that comparing frames tells its direction. With `--attention-weight`, the selection
+   layer's CLS attention is also taught to spread over the objects (`cls_attention_loss`).
+   That last loss makes VisionZip's premise hold by construction. On CLIP it is an observation: the
+   CLS attends to a few informative tokens. Without the loss, this tower's CLS found the objects
+   hardly more often than random patches do, and a CLS that also predicted shapes found them but held
+   the answers itself (`bench.bench_retention` measures the share of objects each rule keeps). No LLM
+   runs in this phase, so a step is cheap.
 2. `lm`: tower frozen; the multimodal projector and the LLM learn the answer token and EOS, built by
    the answer stage's own `build_inputs` prompt, so training and inference read exactly the same
    prompt. A curriculum of token subsets (`TokenSubsets`), because among 520 tokens a from-scratch LLM
@@ -19,7 +24,9 @@ the LLM cannot learn what to look for before the tower shows it anything. So, in
    object) for thousands of steps: first (`--object-steps`) each frame shows its CLS and two object
    patches (24 tokens a clip), where it learns the binding in a few hundred steps; then
    (`--background-steps`) every object patch plus a random amount of background; last (`--lm-steps`)
-   every token or, with `--full-fraction`, uniform random subsets in the other steps.
+   every token or, with `--full-fraction`, uniform random subsets in the other steps. With
+   `--motion-weight`, a training-only probe (`MotionProbe`) also asks the LLM's visual tokens which
+   way their object moves: without it direction stayed at chance.
 
 Everything is seeded (model init, data streams); `python -m pipelines.train --help` lists the knobs, and
 `models/synth/README.md` records the command that made the shipped checkpoint.
@@ -568,7 +575,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="then on every object patch plus a random number of background patches")
     parser.add_argument("--motion-weight", type=float, default=0.0,
                         help="weight of a training-only loss that teaches the LLM's visual tokens which way "
-                             "their object moves (MotionProbe), in every LLM phase")
+                             "their object moves (MotionProbe), in --motion-phases")
+    parser.add_argument("--motion-phases", nargs="+", default=["objects", "background", "lm"],
+                        choices=["objects", "background", "lm"], help="the LLM phases with that loss")
     parser.add_argument("--questions-per-type", type=int, default=1, help="questions of each type per clip")
     parser.add_argument("--full-fraction", type=float, default=None,
                         help="last, train the LLM on random token subsets, all tokens in this fraction of "
@@ -594,16 +603,17 @@ def main(argv: list[str] | None = None) -> None:
                        cls_targets=tuple(args.cls_targets), attention_weight=args.attention_weight)
         save_checkpoint(model, tokenizer, args.tower_out, torch.float32)
     objects_only = TokenSubsets(0.0, objects=True, patches=args.object_patches)
-    curriculum = [(args.object_steps, args.seed + 2, objects_only),
-                  (args.background_steps, args.seed + 3, TokenSubsets(0.0, objects=True)),
-                  (args.lm_steps, args.seed + 1,
+    curriculum = [("objects", args.object_steps, args.seed + 2, objects_only),
+                  ("background", args.background_steps, args.seed + 3, TokenSubsets(0.0, objects=True)),
+                  ("lm", args.lm_steps, args.seed + 1,
                    None if args.full_fraction is None else TokenSubsets(args.full_fraction))]  # fmt: skip
-    for steps, seed, augment in curriculum:
+    for phase, steps, seed, augment in curriculum:
         if steps:
+            motion_weight = args.motion_weight if phase in args.motion_phases else 0.0
             train_lm(model, tokenizer, steps, args.lm_clips, args.lm_lr, seed=seed,
                      eval_every=args.eval_every, eval_samples=eval_samples, save_to=args.out,
                      augment=augment, per_type=args.questions_per_type,
-                     motion_weight=args.motion_weight)  # fmt: skip
+                     motion_weight=motion_weight)  # fmt: skip
     log.info("final in-memory accuracy %s", json.dumps(quick_accuracy(model, tokenizer, eval_samples)))
     save_checkpoint(model, tokenizer, args.out)
     log.info("fixed-set metrics %s", json.dumps(write_metrics(args.out)))

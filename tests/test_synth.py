@@ -107,6 +107,12 @@ def test_frame_labels_follow_the_objects():
         labelled = labels["patch_color"] == c + 1
         assert labelled.any(1).all() and (per_patch[labelled] >= 49).all()
         assert (labels["patch_shape"][labelled] == SHAPES.index(obj.shape) + 1).all()
+        assert (labels["patch_direction"][labelled] == list(DIRECTIONS).index(obj.direction) + 1).all()
+        for t in (0, 7):  # the centre's 4 px bin, one bin per frame of motion
+            on = labelled[t]
+            cx, cy = obj.center(t)
+            assert (labels["patch_x"][t][on] == 1 + int(cx // 4)).all()
+            assert (labels["patch_y"][t][on] == 1 + int(cy // 4)).all()
         # each object holds 1/n of the attention target, on its own pixels only
         share = labels["object_share"] * (per_patch > 0)
         assert np.allclose(share.sum(1), 1 / n, atol=1e-6)

@@ -7,18 +7,21 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipelines.synth import synth_sample
+from pipelines.synth import COLORS, synth_sample
 from pipelines.train import (
+    MotionProbe,
     TokenSubsets,
     TowerHeads,
     answer_ids,
     cls_attention_loss,
+    motion_labels,
     new_model,
     pixels_of,
     pretrain_tower,
     save_checkpoint,
     selection_features,
     shared_prefix_logits,
+    subset_index,
     token_subsets,
     train_lm,
 )
@@ -190,3 +193,35 @@ def test_lm_training_on_token_subsets_reduces_loss():
     losses = train_lm(model, tokenizer, steps=16, clips=2, lr=3e-3, seed=1, log_every=0,
                       augment=TokenSubsets(full=0.25))  # fmt: skip
     assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
+
+
+def test_motion_labels_mark_the_late_object_patches_with_their_direction():
+    from pipelines.synth import DIRECTIONS, frame_labels
+
+    samples = [synth_sample(5, 2), synth_sample(5, 3)]
+    index = subset_index(16, 65, 2, TokenSubsets(full=1.0), torch.Generator().manual_seed(0))
+    assert torch.equal(index[1], torch.arange(8 * 65))
+    labels = motion_labels(samples, index, 65).reshape(2, 8, 65)
+    assert (labels[:, :4] == 0).all() and (labels[:, :, 0] == 0).all()  # early frames, CLS
+    for clip, sample in enumerate(samples):
+        color = torch.from_numpy(frame_labels(sample.clip)["patch_color"])
+        for obj in sample.clip.objects:
+            on = color[4:] == 1 + list(COLORS).index(obj.color)
+            assert (labels[clip, 4:, 1:][on] == 1 + list(DIRECTIONS).index(obj.direction)).all()
+        assert (labels[clip, 4:, 1:][color[4:] == 0] == 0).all()
+
+
+def test_motion_probe_learns_from_the_llm_visual_tokens():
+    model, tokenizer = new_model(5, **SMALL)
+    samples = [synth_sample(8, i) for i in range(2)]
+    targets = answer_ids(tokenizer, [q.answer for s in samples for q in s.questions])
+    probe = MotionProbe(64, layer=1)
+    opt = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(12):
+        _, loss = shared_prefix_logits(model, tokenizer, samples, targets, motion=probe)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
