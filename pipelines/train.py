@@ -381,15 +381,15 @@ def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: P
                          samples: list[TrainingSample], targets: torch.Tensor,
                          augment: TokenSubsets | None = None, generator: torch.Generator | None = None,
                          motion: MotionProbe | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits [B * Q, 2, vocab] for every question of every clip: at the prompt's last token (predicts
-    the answer) and at the answer token (predicts EOS); `targets` [B * Q] are the answer tokens.
+    """(logits, motion loss): logits [B * Q, 2, vocab] for every question of every clip, at the prompt's
+    last token (predicts the answer) and at the answer token (predicts EOS); `targets` [B * Q] are the
+    answer tokens. The motion loss is `motion`'s on the LLM's visual tokens, None without it.
 
     Every prompt of a clip starts with the same tokens (`USER: <video>\n`), so the LLM reads that long
     prefix (the visual tokens) once per clip and each question continues from its key/value cache: the
     same numbers as one prompt at a time (causal attention), Q times cheaper. The tower runs without
     gradients (frozen in phase 2); the projector and the LLM with them. `augment` (with its `generator`)
-    shows the LLM random token subsets, see `TokenSubsets`. With `motion`, also returns its loss on the
-    LLM's visual tokens (else None).
+    shows the LLM random token subsets, see `TokenSubsets`.
     """
     features = visual_features(model, samples)
     frames, n, dim = features.shape
