@@ -297,8 +297,14 @@ def token_subsets(features: torch.Tensor, clips: int, augment: TokenSubsets, gen
     """[clips * T, N, D] per-frame tokens -> [clips, M, D]: every token, or CLS + a subset of patches per
     frame (see `TokenSubsets`), frames in order. `objects` [clips * T, N - 1] bool: the patches an object
     covers, needed by `augment.objects`."""
-    frames, n, dim = features.shape
-    index = subset_index(frames, n, clips, augment, generator, objects)
+    index = subset_index(features.shape[0], features.shape[1], clips, augment, generator, objects)
+    return tokens_at(features, clips, index)
+
+
+def tokens_at(features: torch.Tensor, clips: int, index: torch.Tensor) -> torch.Tensor:
+    """[clips * T, N, D] per-frame tokens -> [clips, M, D]: each clip's tokens at `index` [clips, M]
+    (positions in its T * N tokens, as `subset_index` gives them)."""
+    dim = features.shape[-1]
     return features.reshape(clips, -1, dim).gather(1, index[..., None].expand(-1, -1, dim))
 
 
@@ -356,12 +362,14 @@ class MotionProbe(nn.Module):
         return F.cross_entropy(self.head(hidden).flatten(0, 1), labels.flatten() - 1, ignore_index=-1)
 
 
-def motion_labels(samples: list[TrainingSample], index: torch.Tensor, n: int) -> torch.Tensor:
+def motion_labels(patch_direction: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[clips, M] `MotionProbe` targets of the tokens `index` chose (`subset_index`): 1 + direction of
-    the object a patch shows in frames T/2.., else 0 (CLS, background, early frames)."""
-    direction = frame_label_batch(samples)["patch_direction"].reshape(len(samples), NUM_FRAMES, n - 1)
+    the object a patch shows in frames T/2.., else 0 (CLS, background, early frames).
+    `patch_direction` [clips * T, P]: `frame_label_batch`'s."""
+    clips = len(index)
+    direction = patch_direction.reshape(clips, NUM_FRAMES, -1)
     late = torch.arange(NUM_FRAMES)[:, None] >= NUM_FRAMES // 2
-    per_token = torch.cat([torch.zeros(len(samples), NUM_FRAMES, 1, dtype=torch.long),
+    per_token = torch.cat([torch.zeros(clips, NUM_FRAMES, 1, dtype=torch.long),
                            direction * late], dim=2).flatten(1)  # fmt: skip
     return per_token.gather(1, index)
 
@@ -392,13 +400,14 @@ def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: P
     shows the LLM random token subsets, see `TokenSubsets`.
     """
     features = visual_features(model, samples)
-    frames, n, dim = features.shape
+    frames, n, _ = features.shape
+    needs_labels = motion is not None or (augment is not None and augment.objects)
+    labels = frame_label_batch(samples) if needs_labels else None
     index = torch.arange(frames // len(samples) * n).expand(len(samples), -1)
     if augment is not None:
-        objects = frame_label_batch(samples)["patch_color"] > 0 if augment.objects else None
+        objects = labels["patch_color"] > 0 if augment.objects else None
         index = subset_index(frames, n, len(samples), augment, generator, objects)
-    features = features.reshape(len(samples), -1, dim).gather(1, index[..., None].expand(-1, -1, dim))
-    visual = project(model, features)  # [B, M, H]
+    visual = project(model, tokens_at(features, len(samples), index))  # [B, M, H]
     texts = [PROMPT.format(question=q.question) for s in samples for q in s.questions]
     ids = [tokenizer(t).input_ids for t in texts]
     common = next(i for i in range(min(map(len, ids))) if len({row[i] for row in ids}) > 1)
@@ -414,7 +423,7 @@ def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: P
     motion_loss = None
     if motion is not None:
         hidden = out.hidden_states[motion.layer][:, at : at + visual.shape[1]]
-        motion_loss = motion.loss(hidden, motion_labels(samples, index, n))
+        motion_loss = motion.loss(hidden, motion_labels(labels["patch_direction"], index))
     cache = out.cache
     per_clip = len(ids) // len(samples)
     cache.batch_repeat_interleave(per_clip)

@@ -197,11 +197,12 @@ def test_lm_training_on_token_subsets_reduces_loss():
 
 def test_motion_labels_mark_the_late_object_patches_with_their_direction():
     from pipelines.synth import DIRECTIONS, frame_labels
+    from pipelines.train import frame_label_batch
 
     samples = [synth_sample(5, 2), synth_sample(5, 3)]
     index = subset_index(16, 65, 2, TokenSubsets(full=1.0), torch.Generator().manual_seed(0))
     assert torch.equal(index[1], torch.arange(8 * 65))
-    labels = motion_labels(samples, index, 65).reshape(2, 8, 65)
+    labels = motion_labels(frame_label_batch(samples)["patch_direction"], index).reshape(2, 8, 65)
     assert (labels[:, :4] == 0).all() and (labels[:, :, 0] == 0).all()  # early frames, CLS
     for clip, sample in enumerate(samples):
         color = torch.from_numpy(frame_labels(sample.clip)["patch_color"])
