@@ -16,7 +16,7 @@ from pipelines.job import run_job
 from pipelines.manifest import ManifestError
 from pipelines.synth import write_dataset
 from pipelines.train import new_model, save_checkpoint
-from stages.model import load_video_llava
+from stages.model import load_projector, load_video_llava
 
 ROOT = Path(__file__).resolve().parent.parent
 register()
@@ -98,6 +98,28 @@ def test_only_the_projector_changes_and_a_qa_job_loads_it(data, tmp_path):
         expected = model.model.multi_modal_projector(plain.compressed_tokens([frames])[0].clone())
     torch.testing.assert_close(tuned.encode([frames])[0].embeds, expected)
     assert not torch.allclose(plain.encode([frames])[0].embeds, tuned.encode([frames])[0].embeds)
+
+
+def test_a_bfloat16_model_tunes_its_projector_in_float32(data, tmp_path):
+    # the 7B's setting (bf16 weights), on the CPU: the projector learns in float32, the rest stays bf16
+    # and bit-identical, and a bf16 QA model loads the result
+    model, tokenizer = load_video_llava(data["model"], dtype="bfloat16", device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = [torch.randn(8 * 5, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    examples = [(0, "What color is the circle?", "red"), (1, "How many objects are there?", "two")]
+    cfg = TuneConfig(out=str(tmp_path / "t"), steps=3, batch_size=2, lr=1e-2, warmup_steps=0)
+    losses = tune.tune_projector(model, tokenizer, tokens, examples, cfg)
+    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+    after = model.state_dict()
+    projector = {k for k in before if k.startswith("model.multi_modal_projector.")}
+    assert {k for k in before if not torch.equal(before[k], after[k].to(before[k].dtype))} == projector
+    assert {after[k].dtype for k in projector} == {torch.float32}
+    assert {after[k].dtype for k in after if k not in projector} == {torch.bfloat16}
+    qa, _ = load_video_llava(data["model"], dtype="bfloat16", device="cpu")
+    load_projector(qa, tmp_path / "t" / "projector.safetensors")
+    for k, v in qa.model.multi_modal_projector.state_dict().items():
+        assert v.dtype == torch.bfloat16
+        assert torch.equal(v, after[f"model.multi_modal_projector.{k}"].to(torch.bfloat16))
 
 
 def test_a_killed_run_resumes_to_the_same_weights(data, tmp_path, monkeypatch):
