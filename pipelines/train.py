@@ -531,17 +531,20 @@ def save_checkpoint(model: VideoLlavaForConditionalGeneration, tokenizer: PreTra
 FIXED_SET = (2_000_000, 10)  # (seed, clips): the in-memory set whose accuracy a checkpoint records
 
 
-def fixed_set_accuracy(folder: str | Path, seed: int = FIXED_SET[0], clips: int = FIXED_SET[1]) -> dict:
-    """Load a checkpoint and answer `clips` in-memory clips x 5 questions through the encode and answer
-    stages (full tokens, greedy), scored by `pipelines.evaluate`: what the shipped model records in its
-    `metrics.json` and its test checks."""
+def fixed_set_accuracy(folder: str | Path, seed: int = FIXED_SET[0], clips: int = FIXED_SET[1],
+                       compression: Compression = FULL, projector_path: str | Path | None = None) -> dict:
+    """Load a checkpoint (with a tuned projector, if given) and answer `clips` in-memory clips x 5
+    questions through the encode and answer stages (greedy), scored by `pipelines.evaluate`: what the
+    shipped model records in its `metrics.json` (full tokens) and its test checks."""
     from pipelines.evaluate import evaluate
     from stages.encode import EncodeStage
     from stages.model import load_video_llava
 
     model, tokenizer = load_video_llava(folder, dtype="float32", device="cpu")
     samples = [synth_sample(seed, i) for i in range(clips)]
-    encoded = EncodeStage(model, compression="none").encode([s.clip.frames for s in samples])
+    encode = EncodeStage(model, compression=compression.method, dominant=compression.dominant,
+                         contextual=compression.contextual, projector_path=projector_path)  # fmt: skip
+    encoded = encode.encode([s.clip.frames for s in samples])
     answerer = AnswerStage(model, tokenizer, max_new_tokens=3)
     rows = []
     for i, (sample, video) in enumerate(zip(samples, encoded, strict=True)):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.train import fixed_set_accuracy
+from pipelines.train import Compression, fixed_set_accuracy
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -23,3 +23,19 @@ def test_shipped_checkpoint_is_small_and_answers_its_fixed_set_as_recorded(name:
     assert {t: g["correct"] for t, g in result["types"].items()} == recorded["per_type_correct"]
     assert result["overall"]["correct"] == recorded["correct"]
     assert recorded["correct"] >= 0.5 * recorded["n"]  # far above chance (about 1/3): the model learned
+
+
+def test_the_shipped_tuned_projector_wins_back_what_visionzip_costs_the_full_token_model():
+    # models/synth-full never read a reduced sequence in its last phase: VisionZip at 5 of 65 tokens a
+    # frame costs it answers (mostly direction); its projector, tuned on VisionZip's tokens (pipeline=tune,
+    # bench_tuning), wins them back on this fixed set it never saw
+    model = MODELS / "synth-full"
+    zipped = Compression("visionzip", dominant=4, contextual=1)
+    full = fixed_set_accuracy(model)["overall"]["correct"]
+    untuned = fixed_set_accuracy(model, compression=zipped)
+    projector = model / "projector-visionzip-5.safetensors"
+    tuned = fixed_set_accuracy(model, compression=zipped, projector_path=projector)
+    assert untuned["overall"]["correct"] <= full - 4
+    assert untuned["types"]["direction"]["correct"] <= 6
+    assert tuned["overall"]["correct"] >= full - 1
+    assert tuned["types"]["direction"]["correct"] >= 9
