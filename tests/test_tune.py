@@ -75,13 +75,19 @@ def test_tuning_through_the_job_lowers_the_loss_and_lists_the_bad_video(data, tm
     assert summary["loss_last"] == losses[-1] and written["compression"]["dominant"] == 4
 
 
-def test_only_the_projector_changes_and_a_qa_job_loads_it(data, tmp_path):
-    model, tokenizer = load_video_llava(data["model"], dtype="float32", device="cpu")
+def tune_directly(data: dict, out: Path, dtype: str) -> tuple[torch.nn.Module, dict, list[float]]:
+    """`tune_projector` for 3 steps on 2 random token sets of the small model loaded in `dtype`, into
+    `out`: (the tuned model, its weights before, the step losses)."""
+    model, tokenizer = load_video_llava(data["model"], dtype=dtype, device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = [torch.randn(8 * 5, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     examples = [(0, "What color is the circle?", "red"), (1, "How many objects are there?", "two")]
-    cfg = TuneConfig(out=str(tmp_path / "t"), steps=3, batch_size=2, lr=1e-2, warmup_steps=0)
-    tune.tune_projector(model, tokenizer, tokens, examples, cfg)
+    cfg = TuneConfig(out=str(out), steps=3, batch_size=2, lr=1e-2, warmup_steps=0)
+    return model, before, tune.tune_projector(model, tokenizer, tokens, examples, cfg)
+
+
+def test_only_the_projector_changes_and_a_qa_job_loads_it(data, tmp_path):
+    model, before, _ = tune_directly(data, tmp_path / "t", "float32")
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if k.startswith("model.multi_modal_projector.")}
@@ -103,12 +109,7 @@ def test_only_the_projector_changes_and_a_qa_job_loads_it(data, tmp_path):
 def test_a_bfloat16_model_tunes_its_projector_in_float32(data, tmp_path):
     # the 7B's setting (bf16 weights), on the CPU: the projector learns in float32, the rest stays bf16
     # and bit-identical, and a bf16 QA model loads the result
-    model, tokenizer = load_video_llava(data["model"], dtype="bfloat16", device="cpu")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    tokens = [torch.randn(8 * 5, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    examples = [(0, "What color is the circle?", "red"), (1, "How many objects are there?", "two")]
-    cfg = TuneConfig(out=str(tmp_path / "t"), steps=3, batch_size=2, lr=1e-2, warmup_steps=0)
-    losses = tune.tune_projector(model, tokenizer, tokens, examples, cfg)
+    model, before, losses = tune_directly(data, tmp_path / "t", "bfloat16")
     assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
     after = model.state_dict()
     projector = {k for k in before if k.startswith("model.multi_modal_projector.")}
