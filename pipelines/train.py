@@ -308,12 +308,12 @@ def tokens_at(features: torch.Tensor, clips: int, index: torch.Tensor) -> torch.
     return features.reshape(clips, -1, dim).gather(1, index[..., None].expand(-1, -1, dim))
 
 
-def subset_index(frames: int, n: int, clips: int, augment: TokenSubsets, generator: torch.Generator,
-                 objects: torch.Tensor | None = None) -> torch.Tensor:
+def subset_index(frames: int, n: int, clips: int, augment: TokenSubsets | None,
+                 generator: torch.Generator | None, objects: torch.Tensor | None = None) -> torch.Tensor:
     """`token_subsets`' choice [clips, M]: positions in each clip's T * N tokens (frame t's token j is
-    t * N + j)."""
+    t * N + j); every token without `augment`."""
     per_clip = frames // clips
-    if torch.rand((), generator=generator) < augment.full:
+    if augment is None or torch.rand((), generator=generator) < augment.full:
         return torch.arange(per_clip * n).expand(clips, -1)
     patches = n - 1
     if augment.objects and objects is None:
@@ -403,10 +403,8 @@ def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: P
     frames, n, _ = features.shape
     needs_labels = motion is not None or (augment is not None and augment.objects)
     labels = frame_label_batch(samples) if needs_labels else None
-    index = torch.arange(frames // len(samples) * n).expand(len(samples), -1)
-    if augment is not None:
-        objects = labels["patch_color"] > 0 if augment.objects else None
-        index = subset_index(frames, n, len(samples), augment, generator, objects)
+    objects = labels["patch_color"] > 0 if augment is not None and augment.objects else None
+    index = subset_index(frames, n, len(samples), augment, generator, objects)
     visual = project(model, tokens_at(features, len(samples), index))  # [B, M, H]
     texts = [PROMPT.format(question=q.question) for s in samples for q in s.questions]
     ids = [tokenizer(t).input_ids for t in texts]

@@ -7,13 +7,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipelines.synth import COLORS, synth_sample
+from pipelines.synth import COLORS, DIRECTIONS, frame_labels, synth_sample
 from pipelines.train import (
     MotionProbe,
     TokenSubsets,
     TowerHeads,
     answer_ids,
     cls_attention_loss,
+    frame_label_batch,
     motion_labels,
     new_model,
     pixels_of,
@@ -196,9 +197,6 @@ def test_lm_training_on_token_subsets_reduces_loss():
 
 
 def test_motion_labels_mark_the_late_object_patches_with_their_direction():
-    from pipelines.synth import DIRECTIONS, frame_labels
-    from pipelines.train import frame_label_batch
-
     samples = [synth_sample(5, 2), synth_sample(5, 3)]
     index = subset_index(16, 65, 2, TokenSubsets(full=1.0), torch.Generator().manual_seed(0))
     assert torch.equal(index[1], torch.arange(8 * 65))
