@@ -24,6 +24,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# The demo batch job: tiny model, generated videos (one broken), the whole Ray pipeline, VisionZip on.
+# The demo (synthqa/demo.py): the batch job on generated synthetic clips (one broken) with models/synth,
+# the whole Ray pipeline, VisionZip on; predictions printed beside the ground truth.
 demo: $(STAMP)
-	$(PY) run.py +experiment=demo
+	$(PY) -m synthqa.demo +experiment=demo

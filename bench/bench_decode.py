@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -40,24 +39,23 @@ def video_path(width: int, height: int, seconds: int) -> Path:
 
     path = CACHE_DIR / f"decode_{width}x{height}_{seconds}s_{FPS}fps.mp4"
     if not path.exists():
-        from pipelines.sample_videos import write_video
+        from pipelines.files import atomic_path
+        from synthqa.sample_videos import write_video
 
-        path.parent.mkdir(parents=True, exist_ok=True)
         print(f"generating {path.name} (once; cached) ...", flush=True)
-        tmp = path.with_suffix(".tmp.mp4")
-        write_video(
-            tmp,
-            seconds * FPS,
-            width,
-            height,
-            FPS,
-            preset="superfast",
-            crf=28,
-            bframes=2,
-            gop=2 * FPS,
-            threads=2,
-        )
-        os.replace(tmp, path)
+        with atomic_path(path) as partial:
+            write_video(
+                partial,
+                seconds * FPS,
+                width,
+                height,
+                FPS,
+                preset="superfast",
+                crf=28,
+                bframes=2,
+                gop=2 * FPS,
+                threads=2,
+            )
     return path
 
 
@@ -89,7 +87,7 @@ def _child(spec: dict) -> dict:
         frames = np.stack(kept)
     else:
         backend, n = case.split("_")
-        frames = read_frames(path, int(n), backend=backend).frames
+        frames = read_frames(path, num_frames=int(n), backend=backend).frames
     seconds = time.perf_counter() - t0
     peak = status_mb("VmHWM")
     return {"seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": rss_before, "frames": len(frames)}

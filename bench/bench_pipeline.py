@@ -24,7 +24,6 @@ the slowest stage alone, and ray > sequential.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -36,15 +35,15 @@ if str(ROOT) not in sys.path:  # run as a script: make `stages`, `pipelines` and
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 from bench.common import CACHE_DIR, goal, print_table, write_result  # noqa: E402
-from pipelines.config import JobConfig, register, to_job_config  # noqa: E402
+from pipelines.config import JobConfig, compose_job  # noqa: E402
+from pipelines.files import write_jsonl  # noqa: E402
 from pipelines.job import ray_session  # noqa: E402
 from pipelines.manifest import group_by_video, read_manifest  # noqa: E402
 from pipelines.runner import batches_of, item_rows, run_local, run_ray, stage_specs  # noqa: E402
-from pipelines.sample_videos import write_video  # noqa: E402
-from stages.model import build_tiny_video_llava  # noqa: E402
+from stages.testing import build_tiny_video_llava  # noqa: E402
+from synthqa.sample_videos import write_video  # noqa: E402
 
 QUESTION = "What is moving in the video?"
 
@@ -59,19 +58,16 @@ def make_inputs(videos: int) -> tuple[Path, Path]:
             write_video(path, num_frames=150, width=640, height=360, fps=25)
         rows.append({"id": f"v{v}", "video": path.name, "question": QUESTION})
     manifest = folder / f"manifest_{videos}.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(manifest, rows)
     return manifest, build_tiny_video_llava(CACHE_DIR / "tiny-video-llava")
 
 
 def job_config(manifest: Path, model: Path, *overrides: str) -> JobConfig:
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=[
-            f"data.manifest={manifest}", f"model.path={model}", "model.dtype=float32",
-            f"output.path={tempfile.gettempdir()}/unused.jsonl", "pipeline.generation.max_new_tokens=16",
-            "ray.num_cpus=2", *overrides,
-        ])  # fmt: skip
-    return to_job_config(cfg)
+    return compose_job(
+        f"data.manifest={manifest}", f"model.path={model}", "model.dtype=float32",
+        f"output.path={tempfile.gettempdir()}/unused.jsonl", "pipeline.generation.max_new_tokens=16",
+        "ray.num_cpus=2", *overrides,
+    )
 
 
 def time_run(runner, job: JobConfig, rows: list[dict]) -> float:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,9 +54,10 @@ from bench.common import (  # noqa: E402
     print_table,
     write_result,
 )
-from stages.answer import AnswerStage  # noqa: E402
-from stages.encode import EncodeStage  # noqa: E402
-from stages.model import build_tiny_video_llava, load_video_llava  # noqa: E402
+from stages.answer import AnswerConfig, AnswerStage, GenerateConfig  # noqa: E402
+from stages.encode import CompressionConfig, EncodeStage, TemporalConfig  # noqa: E402
+from stages.model import load_video_llava  # noqa: E402
+from stages.testing import build_tiny_video_llava  # noqa: E402
 from visionzip import zip_clip  # noqa: E402
 
 WIDTH, HEADS, MLP, LLM_LAYERS = 4096, 32, 11008, 32
@@ -128,12 +130,14 @@ def llm_seconds(tokens: dict[str, int], layers: int, repeats: int) -> tuple[dict
 def tiny_end_to_end(repeats: int) -> tuple[dict[str, float], dict[str, int]]:
     """Encode + answer (16 new tokens) of one 8-frame question on the tiny model, per case."""
     model, tokenizer = load_video_llava(build_tiny_video_llava(CACHE_DIR / "tiny-video-llava"), device="cpu")
+    zipped = CompressionConfig(dominant=DOMINANT, contextual=CONTEXTUAL)
     encoders = {
-        "full": EncodeStage(model, compression="none"),
-        "visionzip": EncodeStage(model, dominant=DOMINANT, contextual=CONTEXTUAL),
-        "visionzip_temporal": EncodeStage(model, dominant=DOMINANT, contextual=CONTEXTUAL, temporal=True),
+        "full": EncodeStage(model, compression=CompressionConfig(method="none")),
+        "visionzip": EncodeStage(model, compression=zipped),
+        "visionzip_temporal": EncodeStage(model, compression=replace(zipped, temporal=TemporalConfig(True))),
     }
-    answerer = AnswerStage(model, tokenizer, max_new_tokens=NEW_TOKENS)
+    generation = GenerateConfig(max_new_tokens=NEW_TOKENS)
+    answerer = AnswerStage(model, tokenizer, config=AnswerConfig(generation=generation))
     answerer.generation_config.min_new_tokens = NEW_TOKENS  # same decode work in every case
     clip = synthetic_clip()
     kept = {name: encoder.encode([clip])[0].visual_tokens_kept for name, encoder in encoders.items()}

@@ -10,29 +10,30 @@ count whose pooled grid is square (2 x 2); budget 4 (6.2%) is just below it.
     .venv/bin/python -m bench.bench_retention [--set val500|test2000] [--model models/synth]
 
 Prints the table, writes bench/results/retention.json and bench/results/retention.png (accuracy vs
-visual tokens, one line per method). `answer_s` is the mean over questions of the seconds of the batched
-`generate` call each question was part of (prefill plus the few decoded tokens of 16 prompts), the cost
-that token reduction cuts.
+visual tokens, one line per method; matplotlib, the `bench` extra). `answer_s` is the mean over
+questions of the seconds of the batched `generate` call each question was part of (prefill plus the few
+decoded tokens of 16 prompts), the cost that token reduction cuts. Redraw a chart from its result file
+without running anything:
+
+    .venv/bin/python -m bench.bench_retention --plot bench/results/retention.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-
-from hydra import compose, initialize_config_dir
-from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CACHE_DIR, RESULTS_DIR, goal, print_table, write_result  # noqa: E402
-from pipelines.config import register, to_job_config  # noqa: E402
+from pipelines.config import compose_job  # noqa: E402
 from pipelines.evaluate import evaluate, read_rows  # noqa: E402
 from pipelines.job import run_job  # noqa: E402
-from pipelines.synth import HELDOUT, QUESTION_TYPES, write_dataset  # noqa: E402
+from synthqa.clips import QUESTION_TYPES  # noqa: E402
+from synthqa.dataset import HELDOUT, write_dataset  # noqa: E402
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 BUDGETS = {4: (3, 1), 5: (4, 1), 10: (8, 2), 17: (14, 3)}  # tokens per frame: (dominant, contextual)
 PAPER_BUDGET = 5
 MEASURABLE = 0.80  # a type the model answers at least this well with full tokens is measurable
@@ -65,10 +66,8 @@ def settings(threshold: float, sweep: list[float]) -> list[tuple[str, str, int, 
 
 def synth_job(overrides: list[str], manifest: Path, model: str) -> dict:
     """Run the job `+experiment=synth` with `model` on `manifest` and the overrides; its summary."""
-    with initialize_config_dir(str(CONF), version_base=None):
-        cfg = compose("config", overrides=[
-            "+experiment=synth", f"model.path={model}", f"data.manifest={manifest}", *overrides])
-    return run_job(to_job_config(cfg))
+    return run_job(compose_job("+experiment=synth", f"model.path={model}", f"data.manifest={manifest}",
+                               *overrides))
 
 
 def run_setting(overrides: list[str], manifest: Path, output: Path, model: str) -> dict:
@@ -87,8 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temporal-sweep", type=float, nargs="*", default=[],
                         help="also VisionZip + temporal merging at the paper's budget at each of these")
     parser.add_argument("--name", default="retention", help="writes bench/results/NAME.json and NAME.png")
+    parser.add_argument("--plot", type=Path, metavar="RESULT_JSON", default=None,
+                        help="only redraw the chart of an existing result file (RESULT_JSON -> .png)")
     args = parser.parse_args(argv)
-    register()
+    if args.plot:
+        print(f"written {plot(args.plot)}")
+        return
     seed, clips = HELDOUT[args.set]
     data = CACHE_DIR / "synth" / args.set
     manifest = data / "manifest.jsonl"
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios.update({f"objects_kept_{rule}_{PAPER_BUDGET}": share for rule, share in coverage.items()})
     print(f"objects keeping a patch at {PAPER_BUDGET} tokens per frame: {coverage}")
     path = write_result(args.name, rows, ratios, goals)
-    png = plot(rows, RESULTS_DIR / f"{args.name}.png")
+    png = plot(path, RESULTS_DIR / f"{args.name}.png")
     print(f"goals: {goals}\nwritten {path} and {png}")
 
 
@@ -141,9 +144,9 @@ def objects_kept(model_path: str, seed: int, clips: int, chunk: int = 8) -> dict
     its own patches (the job's draw depends on its batching), so its share is an estimate of the rule's."""
     import torch
 
-    from pipelines.synth import COLORS, frame_labels, synth_sample
-    from pipelines.train import PATCH, pixels_of
     from stages.model import load_video_llava
+    from synthqa.clips import COLORS, frame_labels, synth_sample
+    from synthqa.model import PATCH, pixels_of
     from visionzip.baselines import random_patch_index
     from visionzip.clip import zip_clip
     from visionzip.video_llava import feature_layer, tokens_per_frame
@@ -199,58 +202,57 @@ def goals_of(by: dict[str, dict]) -> tuple[dict, dict]:
     return ratios, goals
 
 
-_COLORS = {
-    "visionzip": (31, 119, 180), "visionzip+temporal": (44, 160, 44), "dominant_only": (148, 103, 189),
-    "random": (214, 39, 40), "pool": (255, 127, 14), "full": (0, 0, 0), "full+temporal": (127, 127, 127),
+# colour and marker per method; VisionZip drawn last (on top): its points nearly coincide with others'
+_STYLES = {
+    "full": ("black", "*"), "full+temporal": ("tab:gray", "P"), "pool": ("tab:orange", "D"),
+    "random": ("tab:red", "v"), "dominant_only": ("tab:purple", "^"),
+    "visionzip+temporal": ("tab:green", "s"), "visionzip": ("tab:blue", "o"),
 }  # fmt: skip
 
 
-def plot(rows: list[dict], path: Path, size: tuple[int, int] = (720, 440)) -> Path:
-    """Accuracy (y, 0-100%) vs visual tokens per video (x, log scale), one line per method; PIL only."""
-    import math
+def plot(result_json: Path, png: Path | None = None) -> Path:
+    """Draw a result file's rows (`bench/results/NAME.json`) into `png` (default: NAME.png beside it),
+    without running anything: `--plot` re-renders a chart from its JSON."""
+    result_json = Path(result_json)
+    rows = json.loads(result_json.read_text())["rows"]
+    return draw(rows, png or result_json.with_suffix(".png"))
 
-    width, height = size
-    left, right, top, bottom = 70, 190, 20, 50
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    xs = [r["visual_tokens"] for r in rows if r["visual_tokens"]]
-    lo, hi = math.log10(min(xs) / 1.2), math.log10(max(xs) * 1.2)
 
-    def at(tokens: float, acc: float) -> tuple[float, float]:
-        x = left + (math.log10(tokens) - lo) / (hi - lo) * (width - left - right)
-        return x, top + (1 - acc) * (height - top - bottom)
+def draw(rows: list[dict], path: Path) -> Path:
+    """Accuracy (y, 0-100%) vs visual tokens per video (x, log scale), one line per method, the full-token
+    accuracy as a dashed reference; matplotlib, Agg backend (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullFormatter, PercentFormatter, ScalarFormatter
 
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for acc in (0, 0.2, 0.4, 0.6, 0.8, 1.0):
-        _, y = at(10**lo, acc)
-        draw.line([left, y, width - right, y], fill=(225, 225, 225))
-        draw.text((left - 40, y - 6), f"{acc:.0%}", fill="black")
-    for tokens in (10, 20, 50, 100, 200, 500, 1000):
-        if lo <= math.log10(tokens) <= hi:
-            x, _ = at(tokens, 0)
-            draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
-            draw.text((x - 10, height - bottom + 8), str(tokens), fill="black")
-    draw.text((left + 120, height - 20), "visual tokens per video (log scale)", fill="black")
-    draw.text((5, top - 15), "accuracy", fill="black")
-    for i, method in enumerate(["full", "full+temporal", *METHODS]):
+    fig = Figure(figsize=(7.2, 4.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for method, (color, marker) in _STYLES.items():
         points = sorted((r["visual_tokens"], r["overall"]) for r in rows if r["method"] == method)
         if not points:
             continue
-        color = _COLORS[method]
+        tokens, accuracy = zip(*points, strict=True)
         if method == "full":  # reference: the accuracy every method is retained against
-            _, y = at(10**lo, points[0][1])
-            for x in range(left, width - right, 12):
-                draw.line([x, y, x + 5, y], fill=(160, 160, 160))
-        pixels = [at(t, a) for t, a in points]
-        if len(pixels) > 1:
-            draw.line(pixels, fill=color, width=2)
-        for x, y in pixels:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        ly = top + 10 + 18 * i
-        draw.line([width - right + 12, ly, width - right + 32, ly], fill=color, width=2)
-        draw.text((width - right + 38, ly - 6), method, fill="black")
+            ax.axhline(accuracy[0], color="0.6", linestyle="--", linewidth=1, zorder=1)
+        ax.plot(tokens, accuracy, marker=marker, markersize=6 if marker == "*" else 4.5, linewidth=1.5,
+                color=color, label=method, zorder=2)
+    handles, labels = ax.get_legend_handles_labels()
+    order = [labels.index(m) for m in ["full", "full+temporal", *METHODS] if m in labels]
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator([10, 20, 50, 100, 200, 500, 1000]))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(0, 1.02)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.grid(axis="y", color="0.9")
+    ax.set_xlabel("visual tokens per video (log scale)")
+    ax.set_ylabel("accuracy")
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    fig.savefig(path)
     return path
 
 

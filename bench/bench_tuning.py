@@ -1,7 +1,7 @@
 """Projector tuning (VisionZip's efficient tuning) on the synthetic video QA, through the pipeline.
 
 For VisionZip at the paper's fraction (5 of 65 tokens per frame, `bench_retention.PAPER_BUDGET`) and for
-the random-selection control at the same count, `pipeline=tune` tunes the projector of the synth model on
+the random-selection control at the same count, `tune.py` tunes the projector of the synth model on
 a training set of its own seed (mp4 files decoded by the job, like the held-out set); then the held-out
 set is answered with `model.projector_path` and scored. The question is how much of the accuracy that
 compression costs the tuning wins back:
@@ -26,10 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_retention import BUDGETS, PAPER_BUDGET, run_setting, synth_job  # noqa: E402
+from bench.bench_retention import BUDGETS, PAPER_BUDGET, run_setting  # noqa: E402
 from bench.common import CACHE_DIR, goal, print_table, write_result  # noqa: E402
-from pipelines.config import register  # noqa: E402
-from pipelines.synth import HELDOUT, QUESTION_TYPES, write_dataset  # noqa: E402
+from pipelines.config import compose_tune  # noqa: E402
+from pipelines.tune import run_tune  # noqa: E402
+from synthqa.clips import QUESTION_TYPES  # noqa: E402
+from synthqa.dataset import HELDOUT, write_dataset  # noqa: E402
 
 TRAIN_SEED = 3_000_000  # far from the training stream (seeds 0, 1, ...) and from the held-out sets
 METHODS = ("visionzip", "random")
@@ -38,12 +40,13 @@ MIN_GAP = 0.02  # accuracy; below it the full-vs-compressed gap is within sampli
 
 def tune(method: str, compression: list[str], manifest: Path, out: Path, model: str, steps: int, lr: float,
          batch_size: int) -> dict:
-    """`pipeline=tune` with the job's own config path; a finished run in `out` is resumed, i.e. kept."""
-    return synth_job([
-        "pipeline=tune", f"pipeline.tune.out={out}", f"pipeline.tune.steps={steps}", f"pipeline.tune.lr={lr}",
-        f"pipeline.tune.batch_size={batch_size}", "pipeline.tune.warmup_steps=20",
-        f"output.path={out}/unused.jsonl", f"compression={method}", *compression,
-    ], manifest, model)  # fmt: skip
+    """`tune.py` on the synth model's geometry (112 px clips, no resize); a finished run in `out` is
+    resumed, i.e. kept."""
+    return run_tune(compose_tune(
+        "model=synth", f"model.path={model}", "decode.size=null", f"data.manifest={manifest}",
+        f"tune.out={out}", f"tune.steps={steps}", f"tune.lr={lr}", f"tune.batch_size={batch_size}",
+        "tune.warmup_steps=20", f"compression={method}", *compression,
+    ))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +59,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--name", default="tuning", help="writes bench/results/NAME.json")
     args = parser.parse_args(argv)
-    register()
     model = str(Path(args.model).resolve())
     seed, clips = HELDOUT[args.set]
     heldout = CACHE_DIR / "synth" / args.set

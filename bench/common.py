@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.files import write_json
+
 RESULTS_DIR = Path(__file__).parent / "results"
 CACHE_DIR = Path(__file__).parent / ".cache"
 
@@ -104,9 +106,7 @@ def write_result(name: str, rows: list[dict], ratios: dict, goals: dict) -> Path
         "ratios": {k: round(v, 4) for k, v in ratios.items()},
         "goals": goals,
     }
-    path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    return path
+    return write_json(RESULTS_DIR / f"{name}.json", out)
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None) -> None:

@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+from pipelines.files import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
@@ -22,9 +24,7 @@ def _cell(value: object) -> str:
 
 
 def markdown(result: dict) -> str:
-    columns = list(dict.fromkeys(key for row in result["rows"] for key in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in result["rows"]]
+    lines = [markdown_table(result["rows"], cell=_cell)]
     goals = [
         f"`{name}` = {g['value']:.3g} (goal {g['op']} {g['target']}: **{'met' if g['met'] else 'not met'}**)"
         for name, g in result["goals"].items()

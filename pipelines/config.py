@@ -1,90 +1,35 @@
-"""Structured (typed) configuration of a vzpipe job.
+"""Structured (typed) configuration of the two entry points: the batch job (`run.py`, conf/config.yaml)
+and projector tuning (`tune.py`, conf/tune.yaml).
 
-The dataclasses are the schema of `conf/`: Hydra merges the YAML groups into them, so an unknown key or a
-wrong type fails at start with a message naming it. `validate` adds the value checks that types cannot
-express, before any work starts.
+Each stage owns the dataclass of its section (`ModelConfig`, `DecodeConfig`, `CompressionConfig`,
+`AnswerConfig`) with the checks of its values (`problems()`); this module composes them with the job's own
+sections (data, output, resources, ray, tune). Hydra merges the YAML groups into these dataclasses, so an
+unknown key or a wrong type fails at start naming it. `job_problems` / `tune_problems` gather every value
+problem at once; run with the model's tokens per frame (read from its `config.json` before any work),
+they also check the token budgets against the model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from visionzip.video_llava import COMPRESSION_METHODS
+from stages.answer import AnswerConfig
+from stages.decode import DecodeConfig
+from stages.encode import CompressionConfig
+from stages.model import ModelConfig, read_model_config
+from visionzip.video_llava import tokens_per_frame
 
-TOKENS_PER_FRAME = 257  # CLIP ViT-L/14 at 224 px: 16 x 16 patches + CLS, as in Video-LLaVA
-
-
-@dataclass
-class ModelConfig:
-    path: str = "LanguageBind/Video-LLaVA-7B-hf"
-    dtype: str = "bfloat16"
-    device: str = "auto"
-    build_tiny: bool = False  # build the tiny random model into `path` first (tests, demo)
-    projector_path: str | None = None  # tuned projector weights (`pipeline=tune` writes them)
+RUNNERS = ("ray", "local")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-@dataclass
-class TemporalConfig:
-    enabled: bool = False
-    threshold: float = 0.9
-    max_tokens: int | None = None
-
-
-@dataclass
-class CompressionConfig:
-    method: str = "visionzip"
-    dominant: int = 14
-    contextual: int = 3
-    temporal: TemporalConfig = field(default_factory=TemporalConfig)
-
-
-@dataclass
-class DecodeConfig:
-    backend: str = "pyav"
-    num_frames: int = 8
-    strategy: str = "uniform"
-    fps: float | None = None
-    max_frames: int = 64
-    size: int | None = 224
-    recover: bool = False  # leave out frames that cannot be decoded instead of failing the video
-    threads: int = 1  # decoder threads per video (0 = FFmpeg's choice); 1 matches a decode actor's 1 CPU
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 8  # prompts per `generate` call (left-padded together)
-
-
-@dataclass
-class TuneConfig:
-    """`pipeline=tune`: projector-only tuning on compressed tokens (`pipelines.tune`)."""
-
-    out: str | None = None  # folder: projector.safetensors (model.projector_path), checkpoint, tune.json
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 8  # questions per forward pass
-    grad_accum: int = 1  # forward passes per optimizer step
-    lr: float = 2e-5  # peak learning rate (LLaVA-1.5's fine-tuning rate)
-    warmup_steps: int = 30  # linear warm-up, then cosine decay to zero
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    checkpoint_every: int = 100  # steps between checkpoints (projector + optimizer state)
-    resume: bool = True  # continue from `out`'s checkpoint when there is one
-    seed: int = 0  # order of the questions
-
-
-@dataclass
-class PipelineConfig:
-    task: str = "qa"
-    caption_prompt: str = "Describe the video in detail."
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
+class ConfigError(ValueError):
+    """Settings a job cannot run with; the message lists every problem, each naming its key."""
 
 
 @dataclass
@@ -124,113 +69,115 @@ class OutputConfig:
 
 
 @dataclass
-class DemoConfig:
-    """`+experiment=demo`: generate sample clips and a manifest before the job reads it."""
-
-    enabled: bool = False
-    folder: str = "demo_data"
-    videos: int = 4  # synthetic clips, one question of each of the 5 types per clip
-    broken_video: bool = True  # one manifest row points at a corrupt file: it must become an error row
-
-
-@dataclass
 class JobConfig:
+    """The batch job: decode -> encode + compress -> answer, one output row per question."""
+
     runner: str = "ray"
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    pipeline: AnswerConfig = field(default_factory=AnswerConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
-CHOICES = {
-    "runner": ("ray", "local"),
-    "compression.method": COMPRESSION_METHODS,
-    "decode.backend": ("pyav", "decord"),
-    "decode.strategy": ("uniform", "fps"),
-    "model.dtype": ("bfloat16", "float16", "float32"),
-    "pipeline.task": ("qa", "caption", "tune"),
-}
+@dataclass
+class TuneConfig:
+    """Projector-only tuning on compressed tokens (`pipelines.tune`)."""
+
+    out: str = MISSING  # folder: projector.safetensors (for model.projector_path), checkpoint, tune.json
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # questions per forward pass
+    grad_accum: int = 1  # forward passes per optimizer step
+    lr: float = 2e-5  # peak learning rate (LLaVA-1.5's fine-tuning rate)
+    warmup_steps: int = 30  # linear warm-up, then cosine decay to zero
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 100  # steps between checkpoints (projector + optimizer state)
+    resume: bool = True  # continue from `out`'s checkpoint when there is one
+    seed: int = 0  # order of the questions
+    frame_batch_size: int = 64  # frames per CLIP tower call while the videos are encoded
+
+    def problems(self) -> list[str]:
+        found = [f"{key}={getattr(self, key)} must be >= 1"
+                 for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "frame_batch_size")
+                 if getattr(self, key) < 1]  # fmt: skip
+        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
+            found.append(f"needs lr > 0, warmup_steps >= 0, weight_decay >= 0 and max_grad_norm > 0 "
+                         f"(got {self.lr}, {self.warmup_steps}, {self.weight_decay}, {self.max_grad_norm})")
+        return found
+
+
+@dataclass
+class TuneJobConfig:
+    """Projector tuning: the videos and questions of a manifest with answers, the job's model, decode and
+    compression settings, and the tuning knobs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def register() -> None:
-    """Put the schema in Hydra's ConfigStore (conf/config.yaml lists `job_schema` first in its defaults)."""
+    """Put both schemas in Hydra's ConfigStore (conf/config.yaml and conf/tune.yaml list theirs first)."""
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
+    ConfigStore.instance().store(name="tune_schema", node=TuneJobConfig)
+
+
+def compose_job(*overrides: str) -> JobConfig:
+    """The batch job's config composed from conf/config.yaml with command-line style overrides, typed and
+    checked: what `run.py` gets, for tests, benches and notebooks."""
+    return to_job_config(_compose("config", overrides))
+
+
+def compose_tune(*overrides: str) -> TuneJobConfig:
+    """Projector tuning's config from conf/tune.yaml (as `compose_job`)."""
+    return to_tune_config(_compose("tune", overrides))
+
+
+def _compose(name: str, overrides: tuple[str, ...]) -> DictConfig:
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(name, overrides=list(overrides))
 
 
 def to_job_config(cfg: DictConfig) -> JobConfig:
-    """Resolve and type a composed config, then check its values."""
+    """Resolve and type a composed batch-job config, then check the values that need no model."""
     job = OmegaConf.to_object(cfg)
     assert isinstance(job, JobConfig)
-    validate(job)
+    check(job_problems(job))
     return job
 
 
-def validate(job: JobConfig) -> None:
-    """Reject values a job cannot run with, each problem named, all at once."""
-    problems: list[str] = []
-    for key, allowed in CHOICES.items():
-        value = _get(job, key)
-        if value not in allowed:
-            problems.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    c = job.compression
-    if c.method != "none":  # visionzip, and the baselines that keep the same dominant + contextual tokens
-        if c.dominant < 1:
-            problems.append(f"compression.dominant={c.dominant} must be >= 1 (it counts the CLS token)")
-        if c.contextual < 0:
-            problems.append(f"compression.contextual={c.contextual} must be >= 0")
-        if c.dominant + c.contextual > TOKENS_PER_FRAME:
-            problems.append(
-                f"compression.dominant + compression.contextual = {c.dominant} + {c.contextual} = "
-                f"{c.dominant + c.contextual} exceeds the {TOKENS_PER_FRAME} tokens of a frame"
-            )
-    if (c.temporal.enabled and c.temporal.max_tokens is not None and job.decode.strategy == "uniform"
-            and c.method != "none"):  # with `none` the tokens per frame are the model's: checked at load
-        per_frame = c.dominant + c.contextual
-        floor = per_frame + job.decode.num_frames - 1  # frame 0 whole + every later frame's CLS
-        if c.temporal.max_tokens < floor:
-            problems.append(
-                f"compression.temporal.max_tokens={c.temporal.max_tokens} is below {floor}: temporal "
-                f"merging keeps frame 0's {per_frame} tokens and the CLS of each of the other "
-                f"{job.decode.num_frames - 1} frames"
-            )
-    d = job.decode
-    if d.num_frames < 1:
-        problems.append(f"decode.num_frames={d.num_frames} must be >= 1")
-    if d.strategy == "fps" and (d.fps is None or d.fps <= 0):
-        problems.append(f"decode.strategy=fps needs decode.fps > 0 (got {d.fps})")
-    if d.threads < 0:
-        problems.append(f"decode.threads={d.threads} must be >= 0 (0 = FFmpeg's choice)")
-    if d.max_frames < 1:
-        problems.append(f"decode.max_frames={d.max_frames} must be >= 1")
-    if d.size is not None and d.size < 1:
-        problems.append(f"decode.size={d.size} must be >= 1 or null")
-    g = job.pipeline.generation
-    if g.batch_size < 1:
-        problems.append(f"pipeline.generation.batch_size={g.batch_size} must be >= 1")
-    if g.max_new_tokens < 1:
-        problems.append(f"pipeline.generation.max_new_tokens={g.max_new_tokens} must be >= 1")
-    if g.do_sample and (g.temperature <= 0 or not 0 < g.top_p <= 1):
-        problems.append(
-            f"sampling needs pipeline.generation.temperature > 0 and 0 < top_p <= 1 "
-            f"(got {g.temperature}, {g.top_p})"
-        )
-    t = job.pipeline.tune
-    if job.pipeline.task == "tune":
-        if not t.out:
-            problems.append("pipeline.tune.out must name the folder the tuned projector goes to")
-        for key in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
-            if getattr(t, key) < 1:
-                problems.append(f"pipeline.tune.{key}={getattr(t, key)} must be >= 1")
-        if t.lr <= 0 or t.warmup_steps < 0 or t.weight_decay < 0 or t.max_grad_norm <= 0:
-            problems.append(
-                f"pipeline.tune needs lr > 0, warmup_steps >= 0, weight_decay >= 0 and max_grad_norm > 0 "
-                f"(got {t.lr}, {t.warmup_steps}, {t.weight_decay}, {t.max_grad_norm})"
-            )
+def to_tune_config(cfg: DictConfig) -> TuneJobConfig:
+    """Resolve and type a composed tuning config, then check the values that need no model."""
+    job = OmegaConf.to_object(cfg)
+    assert isinstance(job, TuneJobConfig)
+    check(tune_problems(job))
+    return job
+
+
+def model_tokens_per_frame(model: ModelConfig) -> int:
+    """The checkpoint's tokens per frame, from its config alone (a wrong path fails here, naming it)."""
+    return tokens_per_frame(read_model_config(model.path))
+
+
+def check(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def job_problems(job: JobConfig, tokens_per_frame: int | None = None) -> list[str]:
+    """Every value the batch job cannot run with, each naming its key. With the model's
+    `tokens_per_frame`, the token budgets are checked against it too."""
+    problems = _input_problems(job.model, job.decode, job.compression, tokens_per_frame)
+    if job.runner not in RUNNERS:
+        problems.append(f"runner={job.runner!r} is not one of {', '.join(RUNNERS)}")
+    problems += [f"pipeline.{problem}" for problem in job.pipeline.problems()]
     for name in ("decode", "encode", "answer"):
         r: StageResources = getattr(job.resources, name)
         if r.num_cpus < 0 or (r.num_gpus or 0) < 0:
@@ -239,11 +186,30 @@ def validate(job: JobConfig) -> None:
             problems.append(f"resources.{name}: pool_size and batch_size must be >= 1")
     if job.resources.frame_batch_size < 1:
         problems.append(f"resources.frame_batch_size={job.resources.frame_batch_size} must be >= 1")
-    if problems:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+    return problems
 
 
-def _get(obj: object, dotted: str) -> object:
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
+def tune_problems(job: TuneJobConfig, tokens_per_frame: int | None = None) -> list[str]:
+    """Every value projector tuning cannot run with (as `job_problems`)."""
+    problems = _input_problems(job.model, job.decode, job.compression, tokens_per_frame)
+    return problems + [f"tune.{problem}" for problem in job.tune.problems()]
+
+
+def _input_problems(model: ModelConfig, decode: DecodeConfig, compression: CompressionConfig,
+                    tokens_per_frame: int | None) -> list[str]:
+    """The sections both entry points share, and the one check that spans two of them."""
+    problems = [f"model.{p}" for p in model.problems()]
+    problems += [f"decode.{p}" for p in decode.problems()]
+    problems += [f"compression.{p}" for p in compression.problems(tokens_per_frame)]
+    temporal = compression.temporal
+    known = compression.method != "none" or tokens_per_frame is not None
+    if temporal.enabled and temporal.max_tokens is not None and decode.strategy == "uniform" and known:
+        per_frame = compression.per_frame(tokens_per_frame or 0)
+        floor = per_frame + decode.num_frames - 1  # frame 0 whole + every later frame's CLS
+        if temporal.max_tokens < floor:
+            problems.append(
+                f"compression.temporal.max_tokens={temporal.max_tokens} is below {floor}: temporal "
+                f"merging keeps frame 0's {per_frame} tokens and the CLS of each of the other "
+                f"{decode.num_frames - 1} frames"
+            )
+    return problems

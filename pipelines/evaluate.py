@@ -1,7 +1,7 @@
 """Accuracy of a job's predictions against ground truth, per question type and overall.
 
 Works on any output file the job writes (JSONL or Parquet) whose rows have `answer`: the synthetic
-benchmark of `pipelines.synth` today, real short-answer datasets later. A prediction is right when it
+benchmark of `synthqa` today, real short-answer datasets later. A prediction is right when it
 equals the answer after normalisation (lowercase, punctuation and the articles a/an/the removed,
 whitespace collapsed), so "The Red." matches "red". Rows without an answer are not scored; rows with an
 `error` count as wrong (a compression setting that breaks videos must not look better for it).
@@ -16,11 +16,12 @@ The question type is the row's `type` column when there is one, else the part of
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import string
 from collections.abc import Iterable
 from pathlib import Path
+
+from pipelines.files import markdown_table, read_jsonl, write_json, write_text
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = {"a", "an", "the"}
@@ -50,14 +51,7 @@ def read_rows(path: str | Path) -> list[dict]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-    return rows
+    return read_jsonl(path)
 
 
 def evaluate(rows: Iterable[dict]) -> dict:
@@ -136,9 +130,8 @@ def sweep_table(folder: str | Path) -> list[dict]:
 def format_sweep(rows: list[dict]) -> str:
     """The sweep table as Markdown."""
     columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c != "output"]
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else "" if v is None else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows])
+    return markdown_table(rows, columns, lambda v: f"{v:.3f}" if isinstance(v, float) else "" if v is None
+                          else str(v))
 
 
 def main(argv: list[str] | None = None) -> dict | list[dict]:
@@ -150,17 +143,15 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     if Path(args.output).is_dir():
         rows = sweep_table(args.output)
         table = format_sweep(rows)
-        (Path(args.output) / "accuracy_table.md").write_text(table + "\n")
-        target = Path(args.json or Path(args.output) / "accuracy_table.json")
-        target.write_text(json.dumps(rows, indent=2) + "\n")
+        write_text(Path(args.output) / "accuracy_table.md", table + "\n")
+        write_json(Path(args.json or Path(args.output) / "accuracy_table.json"), rows)
         print(table)
         return rows
     result = evaluate(read_rows(args.output))
     if result["overall"]["n"] == 0:
         raise SystemExit(f"{args.output}: no row has an answer to score")
     result["source"] = str(args.output)
-    target = Path(args.json or f"{args.output}.eval.json")
-    target.write_text(json.dumps(result, indent=2) + "\n")
+    target = write_json(Path(args.json or f"{args.output}.eval.json"), result)
     print(format_table(result))
     print(f"written {target}")
     return result

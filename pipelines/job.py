@@ -15,32 +15,20 @@ from contextlib import contextmanager
 
 from tqdm import tqdm
 
-from pipelines.config import JobConfig
+from pipelines.config import JobConfig, check, job_problems, model_tokens_per_frame
 from pipelines.manifest import group_by_video, read_manifest
 from pipelines.runner import item_rows, question_rows, run_local, run_ray
 from pipelines.sink import OutputSink
 from pipelines.summary import summarize, write_summary
-from stages.model import build_tiny_video_llava
+from stages.model import ModelConfig
+from stages.testing import build_tiny_video_llava
 
 log = logging.getLogger(__name__)
 
 
 def run_job(job: JobConfig) -> dict:
-    """Run the job described by a validated config and return its summary (`pipeline=tune`: tune the
-    projector instead, see `pipelines.tune`)."""
-    if job.demo.enabled:
-        from pipelines.demo import write_demo_data
-
-        write_demo_data(job.demo, job.data.manifest)
-    local_model = os.path.expanduser(job.model.path)
-    if job.model.build_tiny:
-        build_tiny_video_llava(local_model)
-    if os.path.isdir(local_model):  # workers may run in another folder: give them an absolute path
-        job.model.path = os.path.abspath(local_model)
-    if job.pipeline.task == "tune":
-        from pipelines.tune import run_tune
-
-        return run_tune(job)
+    """Run the job described by a config (from `to_job_config`) and return its summary."""
+    check(job_problems(job, prepare_model(job.model)))
     questions = read_manifest(job.data.manifest, job.data.video_root,
                               require_question=job.pipeline.task == "qa")
     sink = OutputSink(job.output.path, overwrite=job.output.overwrite)
@@ -68,6 +56,17 @@ def run_job(job: JobConfig) -> dict:
     summary["output"] = str(sink.path)
     summary["summary"] = str(write_summary(summary, sink.path))
     return summary
+
+
+def prepare_model(model: ModelConfig) -> int:
+    """Make `model.path` loadable from any worker (the tiny model built when asked, a local folder made
+    absolute) and return its tokens per frame, read from its config before any work starts."""
+    local = os.path.expanduser(model.path)
+    if model.build_tiny:
+        build_tiny_video_llava(local)
+    if os.path.isdir(local):  # workers may run in another folder: give them an absolute path
+        model.path = os.path.abspath(local)
+    return model_tokens_per_frame(model)
 
 
 @contextmanager

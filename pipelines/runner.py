@@ -18,10 +18,10 @@ import numpy as np
 from pipelines.config import JobConfig, StageResources
 from pipelines.manifest import VideoItem
 from stages.answer import AnswerStage
-from stages.batch import is_missing
+from stages.columns import is_missing
 from stages.decode import DecodeStage
 from stages.encode import EncodeStage
-from stages.model import load_video_llava
+from stages.model import load_model
 
 
 @dataclass
@@ -33,32 +33,14 @@ class StageSpec:
 
 
 def stage_specs(job: JobConfig) -> list[StageSpec]:
-    """The three stages with their constructor arguments, taken from the job's config."""
-    m, c, d, p = job.model, job.compression, job.decode, job.pipeline
-    model = {"model": m.path, "dtype": m.dtype, "device": m.device}
-    decode = {"num_frames": d.num_frames, "strategy": d.strategy, "backend": d.backend, "fps": d.fps,
-              "max_frames": d.max_frames, "size": d.size, "recover": d.recover,
-              "threads": d.threads}
-    encode = {"compression": c.method, "dominant": c.dominant, "contextual": c.contextual,
-              "temporal": c.temporal.enabled, "threshold": c.temporal.threshold,
-              "max_tokens": c.temporal.max_tokens, "frame_batch_size": job.resources.frame_batch_size,
-              "projector_path": m.projector_path}
-    g = p.generation
-    answer = {"task": p.task, "caption_prompt": p.caption_prompt, "max_new_tokens": g.max_new_tokens,
-              "do_sample": g.do_sample, "temperature": g.temperature, "top_p": g.top_p,
-              "batch_size": g.batch_size}
+    """The three stages, each built from its typed config section."""
     r = job.resources
     return [
-        StageSpec("decode", DecodeStage, decode, r.decode),
-        StageSpec("encode", EncodeStage, {**model, **encode}, r.encode),
-        StageSpec("answer", AnswerStage, {**model, **answer}, r.answer),
+        StageSpec("decode", DecodeStage, {"config": job.decode}, r.decode),
+        StageSpec("encode", EncodeStage, {"model": job.model, "compression": job.compression,
+                                          "frame_batch_size": r.frame_batch_size}, r.encode),
+        StageSpec("answer", AnswerStage, {"model": job.model, "config": job.pipeline}, r.answer),
     ]
-
-
-def in_process_kwargs(spec: StageSpec) -> dict[str, Any]:
-    """A stage's arguments for a model already loaded in this process: without its path, dtype and device
-    (the stage takes the loaded model instead)."""
-    return {k: v for k, v in spec.kwargs.items() if k not in ("model", "dtype", "device")}
 
 
 def item_rows(items: list[VideoItem]) -> list[dict]:
@@ -130,12 +112,11 @@ def batches_of(rows: list[dict], size: int) -> list[dict[str, list]]:
 def run_local(job: JobConfig, rows: list[dict], on_video: Callable[[dict], None]) -> None:
     """The stages in this process, one batch of videos after another; the model is loaded once and
     shared by encode and answer."""
-    decode_spec, encode_spec, answer_spec = stage_specs(job)
-    model, tokenizer = load_video_llava(job.model.path, dtype=job.model.dtype, device=job.model.device)
-    decode = DecodeStage(**decode_spec.kwargs)
-    encode = EncodeStage(model, **in_process_kwargs(encode_spec))
-    answer = AnswerStage(model, tokenizer, **in_process_kwargs(answer_spec))
-    for batch in batches_of(rows, decode_spec.resources.batch_size):
+    model, tokenizer = load_model(job.model)
+    decode = DecodeStage(job.decode)
+    encode = EncodeStage(model, compression=job.compression, frame_batch_size=job.resources.frame_batch_size)
+    answer = AnswerStage(model, tokenizer, config=job.pipeline)
+    for batch in batches_of(rows, job.resources.decode.batch_size):
         out = answer(encode(decode(batch)))
         for i in range(len(out["video"])):
             on_video({key: values[i] for key, values in out.items()})

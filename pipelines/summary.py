@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from pipelines.files import write_json
 
 
 def summarize(rows: list[dict], wall_seconds: float, rows_this_run: int) -> dict:
@@ -29,7 +30,6 @@ def summarize(rows: list[dict], wall_seconds: float, rows_this_run: int) -> dict
 
 
 def write_summary(summary: dict, output_path: str | Path) -> Path:
+    """`<name>.summary.json` beside the output file."""
     output_path = Path(output_path)
-    path = output_path.with_name(output_path.stem + ".summary.json")
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    return path
+    return write_json(output_path.with_name(output_path.stem + ".summary.json"), summary)

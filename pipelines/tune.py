@@ -1,4 +1,5 @@
-"""Projector tuning (`pipeline=tune`): VisionZip's efficient tuning, from a manifest with answers.
+"""Projector tuning (`python tune.py`, conf/tune.yaml): VisionZip's efficient tuning, from a manifest with
+answers.
 
 A Video-LLaVA trained on full frames reads a few hundred compressed tokens that it never saw in training.
 The paper closes part of that gap by fine-tuning only the multimodal projector on compressed tokens, with
@@ -11,15 +12,15 @@ the answer tokens' loss and everything else frozen. Here:
 2. The projector is trained in float32 (a bf16 copy loses small updates), its output cast to the LLM's
    dtype; the LLM reads the answer stage's own prompt (`AnswerStage.build_inputs` with the answers, so
    training and answering build the same sequence), and the loss is the cross-entropy of the answer's
-   tokens and EOS. AdamW, linear warm-up then cosine decay, gradients accumulated over `grad_accum`
-   forward passes and clipped.
+   tokens and EOS. AdamW, linear warm-up then cosine decay (transformers' schedule), gradients
+   accumulated over `grad_accum` forward passes and clipped.
 3. Every `checkpoint_every` steps and at the end, OUT/projector.safetensors (what `model.projector_path`
-   loads) and OUT/tune_state.pt (projector, optimizer, step, losses) are written, each by rename, so a
-   killed job resumes from its last checkpoint: the questions of step s are a pure function of
+   loads) and OUT/tune_state.pt (projector, optimizer, schedule, step, losses) are written, each by
+   rename, so a killed job resumes from its last checkpoint: the questions of step s are a pure function of
    (`seed`, s), so a resumed run takes the same steps an uninterrupted one would.
 
-It runs in this process, on the model's device (`model.device=auto`: the GPU when there is one), whatever
-`runner` says: training is one process. `stages.model.load_projector` checks the shapes on load.
+It runs in this process, on the model's device (`model.device=auto`: the GPU when there is one): training
+is one process. `stages.model.load_projector` checks the shapes on load.
 """
 
 from __future__ import annotations
@@ -27,35 +28,42 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase, VideoLlavaForConditionalGeneration
+from transformers import (
+    PreTrainedTokenizerBase,
+    VideoLlavaForConditionalGeneration,
+    get_cosine_schedule_with_warmup,
+)
 
-from pipelines.config import JobConfig, TuneConfig
+from pipelines.config import TuneConfig, TuneJobConfig, check, tune_problems
+from pipelines.files import atomic_path, write_json
+from pipelines.job import prepare_model
 from pipelines.manifest import ManifestError, Question, group_by_video, read_manifest
-from pipelines.runner import batches_of, in_process_kwargs, item_rows, stage_specs
+from pipelines.runner import item_rows
 from stages.answer import AnswerStage
-from stages.batch import errors_of
+from stages.columns import errors_of
 from stages.decode import DecodeStage
 from stages.encode import EncodeStage
-from stages.model import load_video_llava, save_projector
+from stages.model import load_model
 
 log = logging.getLogger(__name__)
 STATE = "tune_state.pt"
 
 
-def run_tune(job: JobConfig) -> dict:
-    """Tune the projector as `job.pipeline.tune` says; returns the summary written to OUT/tune.json, less
-    the loss of every step."""
-    cfg = job.pipeline.tune
+def run_tune(job: TuneJobConfig) -> dict:
+    """Tune the projector as `job.tune` says; returns the summary written to OUT/tune.json, less the loss
+    of every step."""
+    check(tune_problems(job, prepare_model(job.model)))
+    cfg = job.tune
     out = Path(cfg.out)
     questions = read_manifest(job.data.manifest, job.data.video_root)
     unanswered = [q.id for q in questions if not (q.answer or "").strip()]
@@ -64,7 +72,7 @@ def run_tune(job: JobConfig) -> dict:
             f"manifest {job.data.manifest}: tuning needs an answer for every question; none for "
             f"{len(unanswered)} ids: {', '.join(unanswered[:10])}{' ...' if len(unanswered) > 10 else ''}"
         )
-    model, tokenizer = load_video_llava(job.model.path, dtype=job.model.dtype, device=job.model.device)
+    model, tokenizer = load_model(job.model)
     start = time.perf_counter()
     tokens, examples, errors = compressed_examples(job, model, questions)
     if not examples:
@@ -77,13 +85,13 @@ def run_tune(job: JobConfig) -> dict:
                    "compression": asdict(job.compression), "model": job.model.path,
                    "projector_start": weights_digest(model.model.multi_modal_projector),
                    "tune": {k: v for k, v in asdict(cfg).items()
-                            if k not in ("out", "resume", "checkpoint_every")}}
+                            if k not in ("out", "resume", "checkpoint_every", "frame_batch_size")}}
     losses = tune_projector(model, tokenizer, tokens, examples, cfg, fingerprint)
     summary = {"projector": str(out / "projector.safetensors"), "steps": cfg.steps,
                "questions": len(examples), "videos": len(tokens), "errors": errors,
                "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
                "seconds": time.perf_counter() - start, **fingerprint}
-    (out / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "tune.json", summary)
     return {**{k: v for k, v in summary.items() if k != "losses"}, "summary": str(out / "tune.json")}
 
 
@@ -109,9 +117,10 @@ def tune_projector(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrai
     model.requires_grad_(False)
     projector.requires_grad_(True)
     optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     step, losses = 0, []
     if cfg.resume and (out / STATE).exists():
-        step, losses = _restore(out / STATE, projector, optimizer, fingerprint)
+        step, losses = _restore(out / STATE, projector, optimizer, schedule, fingerprint)
         log.info("resuming %s at step %d of %d", out, step, cfg.steps)
     answerer = AnswerStage(model, tokenizer)
     order = QuestionOrder(len(examples), cfg.seed)
@@ -127,45 +136,40 @@ def tune_projector(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrai
                 (batch_loss / cfg.grad_accum).backward()
                 loss += batch_loss.item() / cfg.grad_accum
             torch.nn.utils.clip_grad_norm_(projector.parameters(), cfg.max_grad_norm)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, cfg.steps, cfg.lr, cfg.warmup_steps)
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
             step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                _checkpoint(out, model, optimizer, step, losses, fingerprint)
+                _checkpoint(out, model, optimizer, schedule, step, losses, fingerprint)
     return losses
 
 
-def compressed_examples(job: JobConfig, model: torch.nn.Module, questions: list[Question]
+def compressed_examples(job: TuneJobConfig, model: torch.nn.Module, questions: list[Question]
                         ) -> tuple[list[torch.Tensor], list[tuple[int, str, str]], list[dict]]:
     """Decode and compress the video of every question once: (tokens before the projector per video, on
     the CPU; (video index, question, answer) per question; {"video", "ids", "error"} per failed video)."""
-    decode_spec, encode_spec, _ = stage_specs(job)
-    decode = DecodeStage(**decode_spec.kwargs)
-    encode = EncodeStage(model, **in_process_kwargs(encode_spec))  # loads model.projector_path into `model`
-    rows = item_rows(group_by_video(questions))
+    decode = DecodeStage(job.decode)
+    encode = EncodeStage(model, compression=job.compression, frame_batch_size=job.tune.frame_batch_size)
     tokens: list[torch.Tensor] = []
     examples: list[tuple[int, str, str]] = []
     errors: list[dict] = []
-    for batch in batches_of(rows, decode_spec.resources.batch_size):
-        decoded = decode(batch)
-        video_errors = errors_of(decoded, len(decoded["frames"]))
-        for row, (frames, error) in enumerate(zip(decoded["frames"], video_errors, strict=True)):
-            if error is None:
-                try:
-                    kept = encode.compressed_tokens([frames])[0]
-                except Exception as err:  # noqa: BLE001 - one video's failure is listed, the rest train
-                    error = f"encode: {type(err).__name__}: {err}"
-            if error is not None:
-                errors.append({"video": batch["video"][row], "ids": list(batch["ids"][row]), "error": error})
-                continue
-            tokens.append(kept.cpu().clone())  # a normal tensor: autograd cannot use inference ones
-            examples += [(len(tokens) - 1, q, a)
-                         for q, a in zip(batch["questions"][row], batch["answers"][row], strict=True)]
+    for row in item_rows(group_by_video(questions)):
+        decoded = decode({key: [value] for key, value in row.items()})
+        error = errors_of(decoded, 1)[0]
+        if error is None:
+            try:
+                kept = encode.compressed_tokens([decoded["frames"][0]])[0]
+            except Exception as err:  # noqa: BLE001 - one video's failure is listed, the rest train
+                error = f"encode: {type(err).__name__}: {err}"
+        if error is not None:
+            errors.append({"video": row["video"], "ids": row["ids"], "error": error})
+            continue
+        tokens.append(kept.cpu().clone())  # a normal tensor: autograd cannot use inference ones
+        examples += [(len(tokens) - 1, q, a) for q, a in zip(row["questions"], row["answers"], strict=True)]
     return tokens, examples, errors
 
 
@@ -178,14 +182,6 @@ def answer_loss(model: torch.nn.Module, answerer: AnswerStage, tokens: list[torc
     labels = inputs.pop("labels")
     logits = model(**inputs).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-def learning_rate(step: int, steps: int, peak: float, warmup: int, floor: float = 0.0) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to `floor` x `peak` at `steps`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return float(peak * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * progress))))
 
 
 class QuestionOrder:
@@ -206,25 +202,34 @@ class QuestionOrder:
         return self._epochs[epoch]
 
 
-def _checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                losses: list[float], fingerprint: dict) -> None:
+def save_projector(model: VideoLlavaForConditionalGeneration, folder: str | Path) -> Path:
+    """The multimodal projector's weights alone (float32 safetensors) as FOLDER/projector.safetensors:
+    what projector tuning changes, for `stages.model.load_projector` (`model.projector_path`)."""
+    weights = model.model.multi_modal_projector.state_dict()
+    with atomic_path(Path(folder) / "projector.safetensors") as partial:
+        save_file({k: v.detach().float().contiguous() for k, v in weights.items()}, str(partial))
+    return Path(folder) / "projector.safetensors"
+
+
+def _checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: LRScheduler,
+                step: int, losses: list[float], fingerprint: dict) -> None:
     save_projector(model, out)
     state = {"step": step, "losses": losses, "fingerprint": fingerprint, "optimizer": optimizer.state_dict(),
-             "projector": model.model.multi_modal_projector.state_dict()}
-    partial = out / (STATE + ".partial")
-    torch.save(state, partial)
-    os.replace(partial, out / STATE)
+             "schedule": schedule.state_dict(), "projector": model.model.multi_modal_projector.state_dict()}
+    with atomic_path(out / STATE) as partial:
+        torch.save(state, partial)
 
 
-def _restore(path: Path, projector: torch.nn.Module, optimizer: torch.optim.Optimizer, fingerprint: dict
-             ) -> tuple[int, list[float]]:
+def _restore(path: Path, projector: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: LRScheduler,
+             fingerprint: dict) -> tuple[int, list[float]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["fingerprint"] != fingerprint:
         raise ValueError(
             f"{path} is a checkpoint of another tuning run ({json.dumps(state['fingerprint'])}); this run is "
-            f"{json.dumps(fingerprint)}. Pass another pipeline.tune.out, or pipeline.tune.resume=false "
+            f"{json.dumps(fingerprint)}. Pass another tune.out, or tune.resume=false "
             "to start over"
         )
     projector.load_state_dict(state["projector"])
     optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
     return state["step"], state["losses"]

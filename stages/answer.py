@@ -13,11 +13,9 @@ position ids from the mask, and `build_inputs` returns them for a direct forward
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,18 +27,19 @@ from transformers import (
     VideoLlavaForConditionalGeneration,
 )
 
-from stages.batch import errors_of
-from stages.model import DEFAULT_MODEL, load_video_llava
+from stages.columns import errors_of
+from stages.model import ModelConfig, load_model
 
 PROMPT = "USER: <video>\n{question} ASSISTANT:"
 CAPTION_PROMPT = "Describe the video in detail."
-# batch column <- Answer field; the LLM's decode time is renamed so it never clobbers the decode stage's
+TASKS = ("qa", "caption")
+# batch column <- Answer field
 _COLUMNS = {
     "predictions": "text",
     "prompt_tokens": "prompt_tokens",
     "generated_tokens": "generated_tokens",
     "prefill_seconds": "prefill_seconds",
-    "llm_decode_seconds": "decode_seconds",
+    "llm_decode_seconds": "llm_decode_seconds",
 }
 
 
@@ -53,54 +52,76 @@ class Answer:
     prompt_tokens: int  # text tokens + visual tokens read by the LLM (padding excluded)
     generated_tokens: int  # new tokens up to and including EOS
     prefill_seconds: float  # prompt forward up to the first token's logits
-    decode_seconds: float  # the remaining new tokens
+    llm_decode_seconds: float  # the LLM's remaining new tokens (not video decoding)
+
+
+@dataclass
+class GenerateConfig:
+    """How answers are generated (`generate`'s settings, and how many prompts go through it at once)."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False  # greedy unless set; then temperature and top_p apply
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 8  # prompts per `generate` call (left-padded together)
+
+    def problems(self) -> list[str]:
+        found = [f"{key}={getattr(self, key)} must be >= 1" for key in ("max_new_tokens", "batch_size")
+                 if getattr(self, key) < 1]
+        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            found.append(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {self.temperature}, "
+                         f"{self.top_p})")
+        return found
+
+
+@dataclass
+class AnswerConfig:
+    """What the answer stage asks about each video, and how it generates (the `pipeline` config group)."""
+
+    task: str = "qa"  # qa: each question of the manifest; caption: `caption_prompt` once per video
+    caption_prompt: str = CAPTION_PROMPT
+    generation: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def problems(self) -> list[str]:
+        found = [] if self.task in TASKS else [f"task={self.task!r} is not one of {', '.join(TASKS)}"]
+        return found + [f"generation.{problem}" for problem in self.generation.problems()]
 
 
 class AnswerStage:
     """Visual embeddings + questions -> answers. A plain callable, and a Ray Data `map_batches` class.
 
-    `model` is a path or hub id (model and tokenizer are loaded here) or a loaded
-    `VideoLlavaForConditionalGeneration`, which then needs its `tokenizer`. `task="qa"` asks each
-    question; `task="caption"` asks `caption_prompt` once per video. Greedy unless `do_sample`
-    (then `temperature` and `top_p` apply). `batch_size` prompts go through `generate` together.
+    `model` is a `ModelConfig` (model and tokenizer are loaded here, the LLM only) or a loaded
+    `VideoLlavaForConditionalGeneration`, which then needs its `tokenizer`. `prompt` is the template a
+    question is asked in (Video-LLaVA's by default).
     """
 
     def __init__(
         self,
-        model: str | os.PathLike | VideoLlavaForConditionalGeneration = DEFAULT_MODEL,
+        model: ModelConfig | VideoLlavaForConditionalGeneration,
         tokenizer: PreTrainedTokenizerBase | None = None,
         *,
-        dtype: str | torch.dtype = "bfloat16",
-        device: str | torch.device = "auto",
-        task: Literal["qa", "caption"] = "qa",
-        caption_prompt: str = CAPTION_PROMPT,
+        config: AnswerConfig | None = None,
         prompt: str = PROMPT,
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        batch_size: int = 8,
     ) -> None:
-        if not isinstance(model, VideoLlavaForConditionalGeneration):
-            model, tokenizer = load_video_llava(model, dtype=dtype, device=device, keep="language")
+        if isinstance(model, ModelConfig):
+            model, tokenizer = load_model(model, keep="language")
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer: AnswerStage(model, tokenizer)")
-        if task not in ("qa", "caption"):
-            raise ValueError(f"task must be 'qa' or 'caption', got {task!r}")
+        config = config or AnswerConfig()
+        problems = config.problems()
         self.video_token = tokenizer.convert_ids_to_tokens(model.config.video_token_id)
         if prompt.count(self.video_token) != 1 or "{question}" not in prompt:
-            raise ValueError(f"prompt must contain {self.video_token} once and {{question}}, got {prompt!r}")
-        if max_new_tokens < 1 or batch_size < 1:
-            raise ValueError(
-                f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}"
-            )
+            problems.append(f"prompt must contain {self.video_token} once and {{question}}, got {prompt!r}")
+        if problems:
+            raise ValueError("invalid answer settings: " + "; ".join(problems))
         self.model, self.tokenizer = model, tokenizer
-        self.task, self.caption_prompt, self.prompt = task, caption_prompt, prompt
-        self.batch_size = batch_size
-        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+        self.task, self.caption_prompt, self.prompt = config.task, config.caption_prompt, prompt
+        g = config.generation
+        self.batch_size = g.batch_size
+        sampling = {"temperature": g.temperature, "top_p": g.top_p} if g.do_sample else {}
         self.generation_config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
+            max_new_tokens=g.max_new_tokens,
+            do_sample=g.do_sample,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -140,7 +161,7 @@ class AnswerStage:
             at = (ids == self.model.config.video_token_id).nonzero().flatten()
             if len(at) != 1:
                 raise ValueError(f"question {i} must not contain {self.video_token}: {question!r}")
-            answer = None if answers is None else self.answer_ids(prompt, answers[i], i)
+            answer = None if answers is None else self.continuation_ids(prompt, answers[i], i)
             if answer is not None:
                 ids = torch.cat([ids, answer])
             text = embed_tokens(ids.to(device))
@@ -160,7 +181,7 @@ class AnswerStage:
         out = {"inputs_embeds": inputs, "attention_mask": mask, "position_ids": positions}
         return out if answers is None else {**out, "labels": labels}
 
-    def answer_ids(self, prompt: str, answer: str, index: int = 0) -> torch.Tensor:
+    def continuation_ids(self, prompt: str, answer: str, index: int = 0) -> torch.Tensor:
         """The tokens that follow `prompt` when the model answers `answer`, then EOS: the tokens of
         `prompt + " " + answer` beyond the prompt's own (so the split is the tokenizer's, as in
         generation). Raises ValueError naming `index` when the answer is empty or the prompt's tokens
@@ -212,7 +233,7 @@ class AnswerStage:
                     prompt_tokens=int(inputs["attention_mask"][row].sum()),
                     generated_tokens=generated,
                     prefill_seconds=prefill,
-                    decode_seconds=end - timer.first,
+                    llm_decode_seconds=end - timer.first,
                 )
             )
         return answers
@@ -249,9 +270,9 @@ class AnswerStage:
         if self.task == "caption" and "questions" in batch:
             per_row = {row: answers * len(batch["questions"][row]) for row, answers in per_row.items()}
         out = {key: value for key, value in batch.items() if key != "visual_embeds"}
-        for column, field in _COLUMNS.items():
+        for column, attribute in _COLUMNS.items():
             out[column] = [
-                [getattr(a, field) for a in per_row[row]] if row in per_row else None
+                [getattr(a, attribute) for a in per_row[row]] if row in per_row else None
                 for row in range(len(embeds))
             ]
         out["error"] = errors

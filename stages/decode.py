@@ -50,12 +50,12 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from stages.batch import is_missing
+from stages.columns import is_missing
 
 BACKENDS = {"pyav": "stages.decode_pyav:PyAVReader", "decord": "stages.decode_decord:DecordReader"}
 DEFAULT_BACKEND = "pyav"  # faster for sparse requests on long videos: see bench/results/decode.json
@@ -133,6 +133,7 @@ def fps_times(start: float, end: float, fps: float, max_frames: int) -> np.ndarr
 def sample_indices(
     timestamps: np.ndarray,
     duration: float,
+    *,
     strategy: str = "uniform",
     num_frames: int = 8,
     start: float | None = None,
@@ -173,41 +174,74 @@ def resized_shape(width: int, height: int, size: int | None) -> tuple[int, int]:
     return max(1, int(width * scale + 0.5)), size
 
 
-def check_request(
-    strategy: str,
-    num_frames: int,
-    start: float | None,
-    end: float | None,
-    fps: float | None,
-    max_frames: int,
-    indices: Sequence[int] | np.ndarray | None,
-    size: int | None,
-    backend: str,
-) -> None:
-    """Reject requests that are wrong whatever the video (ValueError), before any file is opened."""
+def request_problems(
+    *,
+    strategy: str = "uniform",
+    num_frames: int = 8,
+    start: float | None = None,
+    end: float | None = None,
+    fps: float | None = None,
+    max_frames: int = 64,
+    indices: Sequence[int] | np.ndarray | None = None,
+    size: int | None = None,
+    backend: str = DEFAULT_BACKEND,
+    threads: int = 0,
+) -> list[str]:
+    """Everything wrong with a request whatever the video, each problem naming its argument: the one
+    place decode settings are checked (`DecodeConfig.problems`, `read_frames`)."""
+    problems = []
     if backend not in BACKENDS:
-        raise ValueError(f"unknown decode backend {backend!r}; choose one of {sorted(BACKENDS)}")
+        problems.append(f"backend={backend!r}: unknown decode backend; choose one of {', '.join(BACKENDS)}")
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown sampling strategy {strategy!r}; choose one of {STRATEGIES}")
+        problems.append(f"strategy={strategy!r}: unknown sampling strategy; choose one of "
+                        f"{', '.join(STRATEGIES)}")
     if strategy == "uniform" and num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        problems.append(f"num_frames={num_frames} must be >= 1")
     if strategy == "fps" and (fps is None or not fps > 0):
-        raise ValueError(f"strategy 'fps' needs fps > 0, got fps={fps}")
+        problems.append(f"fps={fps}: strategy 'fps' needs fps > 0")
     if strategy == "fps" and max_frames < 1:
-        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        problems.append(f"max_frames={max_frames} must be >= 1")
     if strategy == "indices":
         if indices is None or len(indices) == 0:
-            raise ValueError("strategy 'indices' needs a non-empty `indices`")
+            problems.append("indices: strategy 'indices' needs a non-empty `indices`")
         if start is not None or end is not None:
-            raise ValueError("start/end do not apply to strategy 'indices' (indices are absolute)")
+            problems.append("start/end do not apply to strategy 'indices' (indices are absolute)")
     elif indices is not None:
-        raise ValueError(f"`indices` given with strategy {strategy!r}; use strategy='indices'")
+        problems.append(f"indices given with strategy {strategy!r}; use strategy='indices'")
     if start is not None and start < 0:
-        raise ValueError(f"start must be >= 0 seconds, got {start}")
+        problems.append(f"start must be >= 0 seconds, got {start}")
     if start is not None and end is not None and end <= start:
-        raise ValueError(f"end ({end}) must be after start ({start})")
+        problems.append(f"end ({end}) must be after start ({start})")
     if size is not None and size < 1:
-        raise ValueError(f"size must be >= 1 pixel, got {size}")
+        problems.append(f"size must be >= 1 pixel or None, got {size}")
+    if threads < 0:
+        problems.append(f"threads={threads} must be >= 0 (0 = FFmpeg's choice)")
+    return problems
+
+
+@dataclass
+class DecodeConfig:
+    """How a video is sampled and decoded (the `decode` config group; semantics in the module doc)."""
+
+    backend: str = DEFAULT_BACKEND
+    num_frames: int = 8  # strategy uniform: Video-LLaVA's default
+    strategy: str = "uniform"  # uniform | fps (per video; `indices` is for `read_frames` only)
+    fps: float | None = None  # strategy fps: one frame every 1/fps seconds ...
+    max_frames: int = 64  # ... evenly thinned past this cap
+    size: int | None = 224  # shortest side resized at decode time (None: keep)
+    recover: bool = False  # leave out frames that cannot be decoded instead of failing the video
+    threads: int = 1  # decoder threads per video (0 = FFmpeg's choice); 1 matches a decode actor's 1 CPU
+
+    def problems(self) -> list[str]:
+        found = request_problems(**{k: v for k, v in asdict(self).items() if k != "recover"})
+        if self.strategy == "indices":
+            found.append("strategy 'indices' is for read_frames only: a stage samples each video itself")
+        return found
+
+
+def _raise_problems(problems: list[str], what: str) -> None:
+    if problems:
+        raise ValueError(f"invalid {what}: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------- entry point
@@ -220,6 +254,7 @@ def _reader_class(backend: str) -> type:
 
 def read_frames(
     path: str | os.PathLike,
+    *,
     num_frames: int = 8,
     strategy: str = "uniform",
     backend: str = DEFAULT_BACKEND,
@@ -238,15 +273,17 @@ def read_frames(
     everything about this file: missing, unreadable, no video stream, window outside it, corrupt data.
     `threads` = decoder threads (0 = FFmpeg's choice; 1 inside single-CPU workers).
     """
-    check_request(strategy, num_frames, start, end, fps, max_frames, indices, size, backend)
+    _raise_problems(request_problems(strategy=strategy, num_frames=num_frames, start=start, end=end, fps=fps,
+                                     max_frames=max_frames, indices=indices, size=size, backend=backend,
+                                     threads=threads), "decode request")
     path = os.fspath(path)
     if not Path(path).is_file():
         raise DecodeError(path, "no such file" if not Path(path).exists() else "not a regular file")
     with _reader_class(backend)(path, size=size, threads=threads, recover=recover) as reader:
         try:
-            wanted = sample_indices(
-                reader.timestamps, reader.duration, strategy, num_frames, start, end, fps, max_frames, indices
-            )
+            wanted = sample_indices(reader.timestamps, reader.duration, strategy=strategy,
+                                    num_frames=num_frames, start=start, end=end, fps=fps,
+                                    max_frames=max_frames, indices=indices)
         except ValueError as e:
             raise DecodeError(path, str(e)) from None
         unique = np.unique(wanted)
@@ -291,30 +328,10 @@ class DecodeStage:
     nothing is shared between threads (decord aborts when a reader is shared).
     """
 
-    def __init__(
-        self,
-        num_frames: int = 8,
-        strategy: str = "uniform",
-        backend: str = DEFAULT_BACKEND,
-        fps: float | None = None,
-        max_frames: int = 64,
-        size: int | None = None,
-        recover: bool = False,
-        threads: int = 0,
-    ):
-        if strategy == "indices":
-            raise ValueError("DecodeStage samples per video; strategy 'indices' is for read_frames only")
-        check_request(strategy, num_frames, None, None, fps, max_frames, None, size, backend)
-        self.options = dict(
-            num_frames=num_frames,
-            strategy=strategy,
-            backend=backend,
-            fps=fps,
-            max_frames=max_frames,
-            size=size,
-            recover=recover,
-            threads=threads,
-        )
+    def __init__(self, config: DecodeConfig | None = None) -> None:
+        config = config or DecodeConfig()
+        _raise_problems(config.problems(), "decode settings")
+        self.options = asdict(config)
 
     def __call__(self, batch: dict[str, np.ndarray | list]) -> dict:
         videos = list(batch["video"])

@@ -8,21 +8,20 @@ projector call. Each video comes out with its own length M, ready for `stages.an
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from transformers import VideoLlavaForConditionalGeneration
 
-from stages.batch import errors_of
-from stages.model import DEFAULT_MODEL, load_projector, load_video_llava
+from stages.columns import errors_of
+from stages.model import ModelConfig, load_model
 from stages.preprocess import ClipPreprocess, check_frames
 from visionzip import merge_frames
 from visionzip.baselines import pool_grid
-from visionzip.video_llava import COMPRESSION_METHODS, Compression, frame_features, project, tokens_per_frame
+from visionzip.video_llava import COMPRESSION_METHODS, frame_tokens, project, tokens_per_frame
 
 
 @dataclass
@@ -36,55 +35,83 @@ class EncodedVideo:
     encode_seconds: float  # the batch's wall time, shared out by frame count
 
 
+@dataclass
+class TemporalConfig:
+    """Temporal merging across adjacent frames (`visionzip.merge_frames`)."""
+
+    enabled: bool = False
+    threshold: float = 0.9  # cosine similarity above which a token folds into the previous frame's
+    max_tokens: int | None = None  # merge further, least similar last, until a video has at most this many
+
+
+@dataclass
+class CompressionConfig:
+    """Which visual tokens of each frame the LLM reads (the `compression` config group)."""
+
+    method: str = "visionzip"  # none | visionzip | random | pool (see visionzip.video_llava.frame_tokens)
+    dominant: int = 14  # VisionZip's dominant tokens per frame, CLS included
+    contextual: int = 3  # VisionZip's merged contextual tokens per frame
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+
+    def per_frame(self, tokens_per_frame: int) -> int:
+        """Tokens a frame keeps, given the model's `tokens_per_frame`."""
+        return tokens_per_frame if self.method == "none" else self.dominant + self.contextual
+
+    def problems(self, tokens_per_frame: int | None = None) -> list[str]:
+        """Everything wrong with these settings; `tokens_per_frame` (the model's, from its config) adds
+        the checks that depend on it."""
+        found = []
+        if self.method not in COMPRESSION_METHODS:
+            found.append(f"method={self.method!r} is not one of {', '.join(COMPRESSION_METHODS)}")
+        elif self.method != "none":  # visionzip, and the baselines that keep as many tokens
+            if self.dominant < 1:
+                found.append(f"dominant={self.dominant} must be >= 1 (it counts the CLS token)")
+            if self.contextual < 0:
+                found.append(f"contextual={self.contextual} must be >= 0")
+            keep = self.dominant + self.contextual
+            if tokens_per_frame is not None and keep > tokens_per_frame:
+                found.append(f"dominant + contextual = {self.dominant} + {self.contextual} = {keep} exceeds "
+                             f"the {tokens_per_frame} tokens of a frame of this model")
+            elif tokens_per_frame is not None and self.method == "pool" and self.dominant >= 1:
+                try:  # the pooled grid must fit the patch grid
+                    pool_grid(keep - 1, math.isqrt(tokens_per_frame - 1))
+                except ValueError as err:
+                    found.append(f"method=pool: {err}")
+        if not math.isfinite(self.temporal.threshold):
+            found.append(f"temporal.threshold={self.temporal.threshold} must be a finite number")
+        if self.temporal.max_tokens is not None and self.temporal.max_tokens < 1:
+            found.append(f"temporal.max_tokens={self.temporal.max_tokens} must be >= 1 or null")
+        return found
+
+
 class EncodeStage:
     """Frames -> projected visual tokens. A plain callable, and a Ray Data `map_batches` class.
 
-    `model` is a path or hub id (loaded here, as a Ray actor does) or an already loaded
-    `VideoLlavaForConditionalGeneration` (shared with an `AnswerStage` in one process; `dtype` and
-    `device` are then ignored). Preprocessing parameters come from the model folder's
-    `preprocessor_config.json`, or CLIP's defaults. `projector_path`: tuned projector weights to use
-    instead of the checkpoint's (they replace them in `model` when it is a loaded one).
+    `model` is a `ModelConfig` (loaded here with only the tower and projector, as a Ray actor does, with
+    its tuned projector if it names one) or an already loaded `VideoLlavaForConditionalGeneration`
+    (shared with an `AnswerStage` in one process). Preprocessing parameters come from the model
+    folder's `preprocessor_config.json`, or CLIP's defaults.
     """
 
     def __init__(
         self,
-        model: str | os.PathLike | VideoLlavaForConditionalGeneration = DEFAULT_MODEL,
+        model: ModelConfig | VideoLlavaForConditionalGeneration,
         *,
-        dtype: str | torch.dtype = "bfloat16",
-        device: str | torch.device = "auto",
-        compression: Compression = "visionzip",
-        dominant: int = 14,
-        contextual: int = 3,
-        temporal: bool = False,
-        threshold: float = 0.9,
-        max_tokens: int | None = None,
+        compression: CompressionConfig | None = None,
         frame_batch_size: int = 64,
-        projector_path: str | os.PathLike | None = None,
     ) -> None:
-        if not isinstance(model, VideoLlavaForConditionalGeneration):
-            model = load_video_llava(model, dtype=dtype, device=device, keep="vision")[0]
-        if projector_path is not None:
-            load_projector(model, projector_path)
+        if isinstance(model, ModelConfig):
+            model = load_model(model, keep="vision")[0]
+        compression = compression or CompressionConfig()
+        self.full_per_frame = tokens_per_frame(model.config)
+        problems = compression.problems(self.full_per_frame)
+        if frame_batch_size < 1:
+            problems.append(f"frame_batch_size={frame_batch_size} must be >= 1")
+        if problems:
+            raise ValueError("invalid compression settings: " + "; ".join(problems))
         self.model = model
         self.preprocess = ClipPreprocess.from_pretrained(model.name_or_path)
-        self.full_per_frame = tokens_per_frame(model)
-        if compression not in COMPRESSION_METHODS:
-            methods = ", ".join(COMPRESSION_METHODS)
-            raise ValueError(f"compression must be one of {methods}, got {compression!r}")
-        if compression != "none" and (dominant < 1 or contextual < 0):
-            raise ValueError(f"need dominant >= 1 and contextual >= 0, got {dominant} and {contextual}")
-        if compression != "none" and dominant + contextual > self.full_per_frame:
-            raise ValueError(
-                f"dominant + contextual = {dominant + contextual} exceeds the {self.full_per_frame} tokens "
-                "of a frame"
-            )
-        if compression == "pool":  # the pooled grid must fit the patch grid: fail here, not per batch
-            pool_grid(dominant + contextual - 1, math.isqrt(self.full_per_frame - 1))
-        if frame_batch_size < 1:
-            raise ValueError(f"frame_batch_size must be >= 1, got {frame_batch_size}")
         self.compression = compression
-        self.dominant, self.contextual = dominant, contextual
-        self.temporal, self.threshold, self.max_tokens = temporal, threshold, max_tokens
         self.frame_batch_size = frame_batch_size
 
     @torch.inference_mode()
@@ -102,7 +129,7 @@ class EncodeStage:
             torch.cuda.synchronize(self.model.device)
         seconds = time.perf_counter() - start
         counts = [len(frames) for frames in videos]
-        per_frame = self.full_per_frame if self.compression == "none" else self.dominant + self.contextual
+        per_frame = self.compression.per_frame(self.full_per_frame)
         return [
             EncodedVideo(
                 embeds=emb,
@@ -124,17 +151,19 @@ class EncodeStage:
             return []
         device, dtype = self.model.device, self.model.dtype
         pixels = torch.cat([self.preprocess(frames, device, dtype) for frames in videos])
-        features = torch.cat([
-            frame_features(self.model, chunk, self.compression, self.dominant, self.contextual)
+        c = self.compression
+        tokens = torch.cat([
+            frame_tokens(self.model, chunk, method=c.method, dominant=c.dominant, contextual=c.contextual)
             for chunk in pixels.split(self.frame_batch_size)
         ])  # fmt: skip
-        return [self._merge(per_video) for per_video in features.split([len(frames) for frames in videos])]
+        return [self._merge(per_video) for per_video in tokens.split([len(frames) for frames in videos])]
 
-    def _merge(self, features: torch.Tensor) -> torch.Tensor:
+    def _merge(self, tokens: torch.Tensor) -> torch.Tensor:
         """[T, K, D] -> [M, D]: temporal merging when enabled (CLS of each frame protected), else flatten."""
-        if not self.temporal:
-            return features.flatten(0, 1)
-        merged = merge_frames(features, self.threshold, protect_first=True, max_tokens=self.max_tokens)
+        temporal = self.compression.temporal
+        if not temporal.enabled:
+            return tokens.flatten(0, 1)
+        merged = merge_frames(tokens, temporal.threshold, protect_first=True, max_tokens=temporal.max_tokens)
         return merged.tokens
 
     def __call__(self, batch: dict) -> dict:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from pipelines.config import CHOICES, register, to_job_config
-from stages.encode import EncodeStage
-from stages.model import build_tiny_video_llava, load_video_llava
+from pipelines.config import compose_job
+from stages.encode import CompressionConfig, EncodeStage
 from visionzip import clip_selection_layer_outputs
 from visionzip.baselines import pool_grid, pool_tokens, random_patch_index, random_tokens
-from visionzip.video_llava import frame_features
-
-CONF = str((Path(__file__).parent.parent / "conf").resolve())
+from visionzip.video_llava import COMPRESSION_METHODS, frame_tokens
 
 
 def test_random_keeps_cls_and_distinct_patches_in_raster_order():
@@ -62,42 +56,34 @@ def test_baselines_reject_bad_inputs():
         pool_tokens(torch.randn(16, 4), 5)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = build_tiny_video_llava(tmp_path_factory.mktemp("models") / "tiny")
-    return load_video_llava(folder, dtype="float32", device="cpu")[0]
-
-
-def test_frame_features_baselines_use_the_selection_layer(tiny):
+def test_frame_tokens_baselines_use_the_selection_layer(tiny):
+    model = tiny[0]
     pixels = torch.randn(3, 3, 224, 224)
     with torch.inference_mode():
-        features = clip_selection_layer_outputs(tiny.model.video_tower, pixels, -2)[0]
-        rand = frame_features(tiny, pixels, "random", dominant=10, contextual=6, seed=1)
-        pool = frame_features(tiny, pixels, "pool", dominant=14, contextual=3)
-        full = frame_features(tiny, pixels, "none")
+        features = clip_selection_layer_outputs(model.model.video_tower, pixels, -2)[0]
+        rand = frame_tokens(model, pixels, method="random", dominant=10, contextual=6, seed=1)
+        pool = frame_tokens(model, pixels, method="pool", dominant=14, contextual=3)
+        full = frame_tokens(model, pixels, method="none")
     torch.testing.assert_close(features, full)
     assert torch.equal(rand, random_tokens(features, 16, seed=1))
     assert torch.equal(pool, pool_tokens(features, 17))
-    with pytest.raises(ValueError, match="compression must be one of"):
-        frame_features(tiny, pixels, "tome")
+    with pytest.raises(ValueError, match="method must be one of"):
+        frame_tokens(model, pixels, method="tome")
 
 
 def test_encode_stage_runs_baselines_and_checks_the_pool_grid(tiny):
     video = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     for method in ("random", "pool"):
-        encoded = EncodeStage(tiny, compression=method, dominant=14, contextual=3).encode([video])[0]
+        encode = EncodeStage(tiny[0], compression=CompressionConfig(method=method, dominant=14, contextual=3))
+        encoded = encode.encode([video])[0]
         assert encoded.visual_tokens_kept == encoded.visual_tokens_after_zip == 2 * 17
     with pytest.raises(ValueError, match="wider than the 16 x 16 patch grid"):
-        EncodeStage(tiny, compression="pool", dominant=18, contextual=0)  # 17 patches: 1 x 17
+        EncodeStage(tiny[0], compression=CompressionConfig(method="pool", dominant=18, contextual=0))  # 1x17
 
 
 @pytest.mark.parametrize("group", ["random", "pool", "dominant_only"])
 def test_compression_groups_compose_and_validate(group, tmp_path):
-    register()
-    with initialize_config_dir(CONF, version_base=None):
-        cfg = compose("config", overrides=[f"compression={group}", f"data.manifest={tmp_path}/m.jsonl",
-                                           f"output.path={tmp_path}/o.jsonl"])
-    job = to_job_config(cfg)
-    assert job.compression.method in CHOICES["compression.method"]
+    job = compose_job(f"compression={group}", f"data.manifest={tmp_path}/m.jsonl",
+                      f"output.path={tmp_path}/o.jsonl")
+    assert job.compression.method in COMPRESSION_METHODS
     assert job.compression.dominant + job.compression.contextual == 17
-    assert (job.compression.method, job.compression.contextual) != ("visionzip", 3)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pipelines.manifest import read_manifest
-from pipelines.synth import (
+from stages.decode import read_frames
+from synthqa.clips import (
     COLORS,
     COUNTS,
     DIRECTIONS,
@@ -17,12 +18,10 @@ from pipelines.synth import (
     SPEED,
     clip_rng,
     frame_labels,
-    main,
     make_clip,
     synth_sample,
-    write_dataset,
 )
-from stages.decode import read_frames
+from synthqa.dataset import main, write_dataset
 
 
 def test_same_seed_same_clip_and_questions_other_index_differs():

@@ -7,29 +7,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipelines.synth import COLORS, DIRECTIONS, frame_labels, synth_sample
-from pipelines.train import (
-    MotionProbe,
-    TokenSubsets,
-    TowerHeads,
-    answer_ids,
-    cls_attention_loss,
-    frame_label_batch,
-    motion_labels,
-    new_model,
-    pixels_of,
-    pretrain_tower,
-    save_checkpoint,
-    selection_features,
-    shared_prefix_logits,
-    subset_index,
-    token_subsets,
-    train_lm,
-)
-from stages.answer import AnswerStage
-from stages.encode import EncodeStage
+from stages.answer import AnswerConfig, AnswerStage, GenerateConfig
+from stages.encode import CompressionConfig, EncodeStage
 from stages.model import load_video_llava
-from visionzip.video_llava import project
+from synthqa.clips import COLORS, DIRECTIONS, frame_labels, synth_sample
+from synthqa.lm import MotionProbe, motion_labels, shared_prefix_logits, train_lm
+from synthqa.model import answer_token_ids, new_model, pixels_of, save_checkpoint, selection_features
+from synthqa.optim import optimizer_and_schedule, optimizer_step
+from synthqa.subsets import TokenSubsets, subset_index, token_subsets
+from synthqa.tower import TowerHeads, cls_attention_loss, frame_label_batch, pretrain_tower
+from visionzip import clip_selection_layer_outputs
+from visionzip.video_llava import frame_tokens, project
 
 SMALL = {"width": 32, "lm_width": 64, "lm_layers": 1}
 
@@ -50,9 +38,6 @@ def test_cls_attention_loss_is_the_cross_entropy_of_the_head_mean_patch_attentio
 
 
 def test_tower_attention_loss_moves_the_cls_attention_onto_the_objects():
-    from pipelines.train import frame_label_batch
-    from visionzip import clip_selection_layer_outputs
-
     samples = [synth_sample(6, i) for i in range(4)]
     objects = frame_label_batch(samples)["patch_color"] > 0
 
@@ -82,8 +67,8 @@ def test_shared_prefix_logits_equal_one_prompt_at_a_time():
     model.eval()
     samples = [synth_sample(4, i) for i in range(2)]
     questions = [q for s in samples for q in s.questions]
-    targets = answer_ids(tokenizer, [q.answer for q in questions])
-    answer = AnswerStage(model, tokenizer, max_new_tokens=1)
+    targets = answer_token_ids(tokenizer, [q.answer for q in questions])
+    answer = AnswerStage(model, tokenizer)
     with torch.no_grad():
         shared, _ = shared_prefix_logits(model, tokenizer, samples, targets)
         visual = project(model, selection_features(model, pixels_of(samples))).unflatten(0, (2, -1))
@@ -100,14 +85,22 @@ def test_checkpoint_is_fp16_and_answers_through_the_stages(tmp_path):
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     loaded, tok = load_video_llava(folder, dtype="float32", device="cpu")
-    encoder = EncodeStage(loaded, compression="visionzip", dominant=4, contextual=1)
+    encoder = EncodeStage(loaded, compression=CompressionConfig("visionzip", dominant=4, contextual=1))
     assert (encoder.preprocess.shortest_edge, encoder.full_per_frame) == (112, 65)
     sample = synth_sample(0, 0)
     encoded = encoder.encode([sample.clip.frames])[0]
     assert (encoded.visual_tokens_full, encoded.visual_tokens_kept) == (8 * 65, 8 * 5)
-    answer = AnswerStage(loaded, tok, max_new_tokens=2)
-    reply = answer.answer([encoded.embeds], [sample.questions[0].question])
-    assert reply[0].generated_tokens >= 1
+    # the stage's embeddings are VisionZip's tokens of the training code's own pixels, projected
+    with torch.no_grad():
+        tokens = frame_tokens(loaded, pixels_of([sample]), method="visionzip", dominant=4, contextual=1)
+        torch.testing.assert_close(encoded.embeds, project(loaded, tokens).flatten(0, 1))
+    question = sample.questions[0].question
+    answer = AnswerStage(loaded, tok, config=AnswerConfig(generation=GenerateConfig(max_new_tokens=2)))
+    reply = answer.answer([encoded.embeds], [question])[0]
+    # greedy: the reply's first token is the argmax of the model's next-token logits after the prompt
+    with torch.no_grad():
+        first = loaded(**answer.build_inputs([encoded.embeds], [question])).logits[0, -1].argmax()
+    assert reply.token_ids[0] == int(first) and 1 <= reply.generated_tokens <= 2
     # fp16 storage: every weight within fp16 rounding of the trained float32 one
     trained = model.state_dict()
     for name, value in loaded.state_dict().items():
@@ -116,9 +109,11 @@ def test_checkpoint_is_fp16_and_answers_through_the_stages(tmp_path):
 
 def test_answers_must_be_single_tokens():
     _, tokenizer = new_model(0, **SMALL)
-    assert answer_ids(tokenizer, ["red", "triangle"]).shape == (2,)
+    ids = answer_token_ids(tokenizer, ["red", "triangle"])
+    assert ids.tolist() == tokenizer.convert_tokens_to_ids(["▁red", "▁triangle"])
+    assert tokenizer.decode(ids[:1]) == "red"
     with pytest.raises(ValueError, match="single tokens"):
-        answer_ids(tokenizer, ["purple"])
+        answer_token_ids(tokenizer, ["purple"])
 
 
 def test_token_subsets_keep_cls_and_raster_order_with_a_count_per_frame():
@@ -213,7 +208,7 @@ def test_motion_labels_mark_the_late_object_patches_with_their_direction():
 def test_motion_probe_learns_from_the_llm_visual_tokens():
     model, tokenizer = new_model(5, **SMALL)
     samples = [synth_sample(8, i) for i in range(2)]
-    targets = answer_ids(tokenizer, [q.answer for s in samples for q in s.questions])
+    targets = answer_token_ids(tokenizer, [q.answer for s in samples for q in s.questions])
     probe = MotionProbe(64, layer=1)
     opt = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=3e-3)
     losses = []
@@ -224,3 +219,16 @@ def test_motion_probe_learns_from_the_llm_visual_tokens():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer, scheduler = optimizer_and_schedule([weight], lr=1.0, steps=40)  # warm-up: 40 // 10 + 1 = 5
+    rates = []
+    for _ in range(40):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer_step(optimizer, scheduler, [weight], (weight - 1).square().sum())
+    assert rates[:6] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    progress = (np.arange(5, 40) - 5) / 35
+    assert rates[5:] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
+    assert weight.grad is None and weight.detach().tolist() != [0.0, 0.0]  # stepped, gradients cleared

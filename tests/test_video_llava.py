@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
 import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig
 
-from stages.answer import PROMPT, AnswerStage
-from stages.encode import EncodeStage
-from stages.model import ModelLoadError, build_tiny_video_llava, load_video_llava
+from stages.answer import CAPTION_PROMPT, PROMPT, AnswerConfig, AnswerStage, GenerateConfig
+from stages.encode import CompressionConfig, EncodeStage, TemporalConfig
+from stages.model import ModelConfig, ModelLoadError, load_video_llava
+from stages.testing import build_tiny_video_llava
 from visionzip import zip_clip
 
 QUESTION = "What color is the moving object?"
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_video_llava(tmp_path_factory.mktemp("models") / "tiny")
+def compressed(method: str = "visionzip", dominant: int = 14, contextual: int = 3, **temporal
+               ) -> CompressionConfig:
+    return CompressionConfig(method, dominant, contextual, TemporalConfig(**temporal))
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    """float32, so that comparisons with HF's own path can be tight."""
-    return load_video_llava(tiny_dir, dtype="float32", device="cpu")
+def answering(task: str = "qa", caption_prompt: str = CAPTION_PROMPT, **generation) -> AnswerConfig:
+    return AnswerConfig(task, caption_prompt, GenerateConfig(**generation))
 
 
 def make_video(frames: int, seed: int, height: int = 120, width: int = 160) -> np.ndarray:
@@ -121,8 +123,8 @@ def test_loader_errors_name_the_path_and_the_problem(tmp_path, monkeypatch):
 def test_none_gives_hf_logits_and_greedy_output(tiny):
     model, tokenizer = tiny
     video = make_video(8, seed=0)
-    encoder = EncodeStage(model, compression="none")
-    answerer = AnswerStage(model, tokenizer, max_new_tokens=8)
+    encoder = EncodeStage(model, compression=compressed("none"))
+    answerer = AnswerStage(model, tokenizer, config=answering(max_new_tokens=8))
     encoded = encoder.encode([video])[0]
     assert encoded.embeds.shape == (8 * 257, 64)
     assert encoded.visual_tokens_full == encoded.visual_tokens_after_zip == encoded.visual_tokens_kept == 2056
@@ -152,7 +154,7 @@ def test_none_gives_hf_logits_and_greedy_output(tiny):
 def test_visionzip_keeps_17_tokens_per_frame_and_projects_them(tiny):
     model, _ = tiny
     video = make_video(8, seed=1)
-    encoder = EncodeStage(model, compression="visionzip", dominant=14, contextual=3)
+    encoder = EncodeStage(model, compression=compressed())
     encoded = encoder.encode([video])[0]
     assert (encoded.visual_tokens_full, encoded.visual_tokens_after_zip, encoded.visual_tokens_kept) == (
         2056,
@@ -167,20 +169,19 @@ def test_visionzip_keeps_17_tokens_per_frame_and_projects_them(tiny):
     assert zipped.tokens.shape == (8, 17, 64)
     torch.testing.assert_close(encoded.embeds, expected, atol=1e-6, rtol=0)
 
-    wide = EncodeStage(model, dominant=30, contextual=5).encode([video])[0]
+    wide = EncodeStage(model, compression=compressed(dominant=30, contextual=5)).encode([video])[0]
     assert wide.visual_tokens_kept == 8 * 35
 
 
 def test_temporal_merging_shrinks_a_static_video(tiny):
     model, _ = tiny
-    encoder = EncodeStage(model, temporal=True, threshold=0.9)
+    encoder = EncodeStage(model, compression=compressed(enabled=True, threshold=0.9))
     static, moving = encoder.encode([static_video(8), make_video(8, seed=2)])
     # frame 0 survives whole; later frames keep only their protected CLS token
     assert (static.visual_tokens_after_zip, static.visual_tokens_kept) == (136, 17 + 7)
     assert static.visual_tokens_kept < moving.visual_tokens_kept <= 136
-    capped = EncodeStage(model, temporal=True, threshold=0.99, max_tokens=60).encode([make_video(8, seed=2)])[
-        0
-    ]
+    capped = EncodeStage(model, compression=compressed(enabled=True, threshold=0.99, max_tokens=60))
+    capped = capped.encode([make_video(8, seed=2)])[0]
     assert capped.visual_tokens_kept == 60 and capped.embeds.shape == (60, 64)
 
 
@@ -209,13 +210,15 @@ def test_one_tower_pass_for_all_videos_in_chunks(tiny):
 
 def test_batch_of_three_equals_three_single_runs(tiny):
     model, tokenizer = tiny
-    encoder = EncodeStage(model, temporal=True)
+    encoder = EncodeStage(model, compression=compressed(enabled=True))
     videos = [make_video(8, seed=6), make_video(5, seed=8), static_video(8)]
     embeds = [e.embeds for e in encoder.encode(videos)]
     assert len({len(e) for e in embeds}) == 3  # different visual lengths -> real left padding
     questions = ["What color is it?", "How many objects are there?", "Is it moving left or right?"]
-    answerer = AnswerStage(model, tokenizer, max_new_tokens=10, batch_size=3)
+    answerer = AnswerStage(model, tokenizer, config=answering(max_new_tokens=10, batch_size=3))
+    began = time.perf_counter()
     batched = answerer.answer(embeds, questions)
+    wall = time.perf_counter() - began
     singles = [answerer.answer([e], [q])[0] for e, q in zip(embeds, questions, strict=True)]
     assert [a.token_ids for a in batched] == [a.token_ids for a in singles]
     assert [a.text for a in batched] == [a.text for a in singles]
@@ -223,13 +226,16 @@ def test_batch_of_three_equals_three_single_runs(tiny):
     assert len({tuple(a.token_ids) for a in singles}) > 1  # the inputs matter, so the check can fail
     for answer in batched:
         assert 1 <= answer.generated_tokens == len(answer.token_ids) <= 10
-        assert answer.prefill_seconds > 0 and answer.decode_seconds > 0
+    # the times are the one batched `generate` call's, split at the first token's logits
+    assert len({(a.prefill_seconds, a.llm_decode_seconds) for a in batched}) == 1
+    assert 0 < batched[0].prefill_seconds and 0 < batched[0].llm_decode_seconds
+    assert batched[0].prefill_seconds + batched[0].llm_decode_seconds <= wall
 
 
 def test_encode_once_answer_many_through_the_batch_callables(tiny):
     model, tokenizer = tiny
-    encoder = EncodeStage(model, compression="visionzip")
-    answerer = AnswerStage(model, tokenizer, max_new_tokens=6)
+    encoder = EncodeStage(model)
+    answerer = AnswerStage(model, tokenizer, config=answering(max_new_tokens=6))
     batch = {
         "video": ["a.mp4", "b.mp4", "broken.mp4", "gray.mp4"],
         "frames": [make_video(8, seed=9), make_video(4, seed=10), None, np.zeros((8, 32, 32), np.uint8)],
@@ -257,10 +263,9 @@ def test_encode_once_answer_many_through_the_batch_callables(tiny):
 def test_qa_and_caption_prompts(tiny):
     model, tokenizer = tiny
     embeds = EncodeStage(model).encode([make_video(4, seed=11)])[0].embeds
-    caption = AnswerStage(
-        model, tokenizer, task="caption", caption_prompt="Describe this scene.", max_new_tokens=6
-    )
-    qa = AnswerStage(model, tokenizer, task="qa", max_new_tokens=6)
+    caption = AnswerStage(model, tokenizer,
+                          config=answering("caption", "Describe this scene.", max_new_tokens=6))
+    qa = AnswerStage(model, tokenizer, config=answering("qa", max_new_tokens=6))
     as_caption = caption({"visual_embeds": [embeds], "questions": [[None, None]]})
     as_question = qa.answer([embeds], ["Describe this scene."])[0]
     assert as_caption["predictions"] == [[as_question.text] * 2]
@@ -268,7 +273,7 @@ def test_qa_and_caption_prompts(tiny):
         len(tokenizer(PROMPT.format(question="Describe this scene.")).input_ids) - 1
     )  # minus <video>
     assert as_question.prompt_tokens == text_tokens + 68
-    default_caption = AnswerStage(model, tokenizer, task="caption", max_new_tokens=6)
+    default_caption = AnswerStage(model, tokenizer, config=answering("caption", max_new_tokens=6))
     assert (
         default_caption({"visual_embeds": [embeds]})["prompt_tokens"][0][0]
         == len(tokenizer(PROMPT.format(question="Describe the video in detail.")).input_ids) - 1 + 68
@@ -278,13 +283,15 @@ def test_qa_and_caption_prompts(tiny):
 def test_sampling_uses_temperature_and_top_p(tiny):
     model, tokenizer = tiny
     embeds = EncodeStage(model).encode([make_video(2, seed=12)])[0].embeds
-    sampler = AnswerStage(model, tokenizer, do_sample=True, temperature=5.0, top_p=0.95, max_new_tokens=8)
+    sampler = AnswerStage(model, tokenizer,
+                          config=answering(do_sample=True, temperature=5.0, top_p=0.95, max_new_tokens=8))
     assert sampler.generation_config.temperature == 5.0 and sampler.generation_config.top_p == 0.95
     torch.manual_seed(0)
     first = sampler.answer([embeds], [QUESTION])[0].token_ids
     torch.manual_seed(0)
     assert sampler.answer([embeds], [QUESTION])[0].token_ids == first
-    greedy = AnswerStage(model, tokenizer, max_new_tokens=8).answer([embeds], [QUESTION])[0].token_ids
+    greedy = AnswerStage(model, tokenizer, config=answering(max_new_tokens=8))
+    greedy = greedy.answer([embeds], [QUESTION])[0].token_ids
     assert first != greedy  # temperature 5 flattens the distribution
 
 
@@ -308,16 +315,18 @@ def test_encode_rejects_bad_frames(tiny, frames, problem):
 
 def test_stages_reject_bad_settings_and_inputs(tiny):
     model, tokenizer = tiny
-    with pytest.raises(ValueError, match="compression must be one of none, visionzip, random, pool, got 'to"):
-        EncodeStage(model, compression="tome")
-    with pytest.raises(ValueError, match="dominant \\+ contextual = 300 exceeds the 257 tokens"):
-        EncodeStage(model, dominant=290, contextual=10)
-    with pytest.raises(ValueError, match="frame_batch_size"):
+    with pytest.raises(ValueError, match="method='tome' is not one of none, visionzip, random, pool"):
+        EncodeStage(model, compression=compressed("tome"))
+    with pytest.raises(ValueError, match="dominant \\+ contextual = 290 \\+ 10 = 300 exceeds the 257 tokens"):
+        EncodeStage(model, compression=compressed(dominant=290, contextual=10))
+    with pytest.raises(ValueError, match="frame_batch_size=0 must be >= 1"):
         EncodeStage(model, frame_batch_size=0)
     with pytest.raises(ValueError, match="needs its tokenizer"):
         AnswerStage(model)
-    with pytest.raises(ValueError, match="task must be"):
-        AnswerStage(model, tokenizer, task="translate")
+    with pytest.raises(ValueError, match="task='translate' is not one of qa, caption"):
+        AnswerStage(model, tokenizer, config=answering("translate"))
+    with pytest.raises(ValueError, match="generation.max_new_tokens=0 must be >= 1"):
+        AnswerStage(model, tokenizer, config=answering(max_new_tokens=0))
     with pytest.raises(ValueError, match="prompt must contain <video> once"):
         AnswerStage(model, tokenizer, prompt="USER: {question} ASSISTANT:")
     answerer = AnswerStage(model, tokenizer)
@@ -337,7 +346,7 @@ def test_stages_reject_bad_settings_and_inputs(tiny):
 
 def test_a_failed_generation_becomes_that_videos_error_row(tiny):
     model, tokenizer = tiny
-    answerer = AnswerStage(model, tokenizer, max_new_tokens=3)
+    answerer = AnswerStage(model, tokenizer, config=answering(max_new_tokens=3))
     good = EncodeStage(model).encode([make_video(2, seed=5)])[0].embeds.numpy()
     wrong_width = np.zeros((5, 32), np.float32)  # not the LLM's width: generation of this video fails
     out = answerer({
@@ -384,16 +393,17 @@ def test_stages_loading_their_own_model_keep_only_their_half(tiny_dir, tiny):
         load_video_llava(tiny_dir, keep="lm")
 
     video = make_video(4, seed=21)
-    shared = AnswerStage(model, tokenizer, max_new_tokens=5)
+    shared = AnswerStage(model, tokenizer, config=answering(max_new_tokens=5))
     expected = shared.answer([EncodeStage(model).encode([video])[0].embeds], [QUESTION])[0].text
-    own_encoder = EncodeStage(tiny_dir, dtype="float32", device="cpu")
-    own_answerer = AnswerStage(tiny_dir, dtype="float32", device="cpu", max_new_tokens=5)
+    own_model = ModelConfig(str(tiny_dir), dtype="float32", device="cpu")
+    own_encoder = EncodeStage(own_model)
+    own_answerer = AnswerStage(own_model, config=answering(max_new_tokens=5))
     assert own_encoder.model.lm_head is None and own_answerer.model.model.video_tower is None
     assert own_answerer.answer([own_encoder.encode([video])[0].embeds], [QUESTION])[0].text == expected
 
 
 def test_encoder_uses_a_tuned_projector(tiny_dir, tmp_path):
-    from stages.model import save_projector
+    from pipelines.tune import save_projector
 
     tuned, _ = load_video_llava(tiny_dir, dtype="float32", device="cpu")
     with torch.no_grad():
@@ -402,9 +412,9 @@ def test_encoder_uses_a_tuned_projector(tiny_dir, tmp_path):
     path = save_projector(tuned, tmp_path)
     video = make_video(3, seed=8)
     expected = EncodeStage(tuned).encode([video])[0].embeds
-    encoder = EncodeStage(tiny_dir, dtype="float32", device="cpu", projector_path=path)
-    torch.testing.assert_close(encoder.encode([video])[0].embeds, expected)
-    plain = EncodeStage(tiny_dir, dtype="float32", device="cpu").encode([video])[0].embeds
+    model = ModelConfig(str(tiny_dir), dtype="float32", device="cpu", projector_path=str(path))
+    torch.testing.assert_close(EncodeStage(model).encode([video])[0].embeds, expected)
+    plain = EncodeStage(replace(model, projector_path=None)).encode([video])[0].embeds
     assert not torch.allclose(plain, expected)
     with pytest.raises(ModelLoadError, match="cannot read safetensors weights"):
-        EncodeStage(tiny_dir, dtype="float32", device="cpu", projector_path=tmp_path / "missing.safetensors")
+        EncodeStage(replace(model, projector_path=str(tmp_path / "missing.safetensors")))

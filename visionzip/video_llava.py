@@ -13,11 +13,12 @@ from typing import Literal
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from .baselines import pool_tokens, random_tokens
 from .clip import clip_selection_layer_outputs, zip_clip
 
-Compression = Literal["none", "visionzip", "random", "pool"]
+CompressionMethod = Literal["none", "visionzip", "random", "pool"]
 COMPRESSION_METHODS: tuple[str, ...] = ("none", "visionzip", "random", "pool")
 
 
@@ -29,21 +30,24 @@ def feature_layer(model: nn.Module) -> int:
     return layer
 
 
-def tokens_per_frame(model: nn.Module) -> int:
-    """Tokens the video tower gives each frame: the patch grid plus CLS (257 at 224 px / patch 14)."""
-    vision = model.config.vision_config
+def tokens_per_frame(config: PretrainedConfig) -> int:
+    """Tokens the video tower gives each frame, read from a Video-LLaVA config (`model.config`): the
+    patch grid plus CLS (257 at 224 px / patch 14)."""
+    vision = config.vision_config
     return (vision.image_size // vision.patch_size) ** 2 + 1
 
 
-def frame_features(
+def frame_tokens(
     model: nn.Module,
     pixel_values: torch.Tensor,
-    compression: Compression = "none",
+    *,
+    method: CompressionMethod = "none",
     dominant: int = 14,
     contextual: int = 3,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Visual tokens of each frame before the projector: [F, K, vision_hidden].
+    """Each frame's visual tokens before the projector, all or the ones a compression `method` keeps:
+    [F, K, vision_hidden].
 
     model: a `VideoLlavaForConditionalGeneration`; pixel_values [F, 3, H, W] (frames of any videos).
     `none` is HF's path exactly (K = 257, CLS first). `visionzip` keeps `dominant` (CLS included) +
@@ -54,16 +58,16 @@ def frame_features(
     """
     tower = model.model.video_tower
     layer = feature_layer(model)
-    if compression == "none":
+    if method == "none":
         # An int asks the tower to keep only that hidden state, as get_video_features does.
         return tower(pixel_values, output_hidden_states=layer).hidden_states[layer]
-    if compression == "visionzip":
+    if method == "visionzip":
         return zip_clip(tower, pixel_values, dominant=dominant, contextual=contextual, layer=layer).tokens
-    if compression in ("random", "pool"):
+    if method in ("random", "pool"):
         features = clip_selection_layer_outputs(tower, pixel_values, layer)[0]
         keep = dominant + contextual
-        return random_tokens(features, keep, seed) if compression == "random" else pool_tokens(features, keep)
-    raise ValueError(f"compression must be one of {', '.join(COMPRESSION_METHODS)}, got {compression!r}")
+        return random_tokens(features, keep, seed) if method == "random" else pool_tokens(features, keep)
+    raise ValueError(f"method must be one of {', '.join(COMPRESSION_METHODS)}, got {method!r}")
 
 
 def project(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Reading batch columns the same way whether a batch is plain Python lists or came through Ray Data.
+"""Batch columns read the same way whether a batch is plain Python lists or came through Ray Data.
 
 Ray Data stores a missing value as an Arrow null, which reaches a numpy-format batch as None or as NaN
 (of a float column's numpy dtype: an all-null column becomes float32).

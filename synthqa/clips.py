@@ -14,22 +14,17 @@ Every question has a one-word answer that only the object patches hold:
 Shapes and colours are distinct within a clip, so every question names exactly one object. An object
 stays inside its half of the frame for the whole clip, so `half` has one answer.
 
-Everything is seeded: clip `i` of seed `s` is the same on every machine (numpy's PCG64 per clip). The
-in-memory path (`make_clip`, `training_samples`) feeds training; `write_dataset` writes real mp4 files
-and a manifest (`id = "<clip>-<type>"`, so `pipelines.evaluate` can score per type) for held-out
-sets that go through the whole pipeline, decoding included.
+Everything is seeded: clip `i` of seed `s` is the same on every machine (numpy's PCG64 per clip). This
+module makes clips in memory (`make_clip`, `synth_sample`, `training_samples`: what training reads) and
+the per-frame and per-patch targets the tower learns from (`frame_labels`); `synthqa.dataset` writes the
+same clips as mp4 files with a manifest, for held-out sets that go through the whole pipeline.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from fractions import Fraction
-from pathlib import Path
 
-import av
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle")
@@ -37,8 +32,6 @@ COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 235), "
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 COUNTS = ("one", "two", "three")
 QUESTION_TYPES = ("color", "shape", "count", "direction", "half")
-# Held-out sets: (seed, clips); 5 questions per clip. Training seeds start at 0 and stay far below these.
-HELDOUT = {"val500": (1_000_500, 100), "test2000": (1_002_000, 400)}
 FRAME_SIZE = 112
 NUM_FRAMES = 8
 SPEED = 4  # pixels per frame: 28 px (2 patches) over 8 frames
@@ -191,8 +184,8 @@ class TrainingSample:
 
 
 def synth_sample(seed: int, index: int, per_type: int = 1) -> TrainingSample:
-    """Clip `index` of the set `seed` and its questions: the same draws `write_dataset` makes (its first
-    round of questions does not depend on `per_type`)."""
+    """Clip `index` of the set `seed` and its questions: the same draws `synthqa.dataset.write_dataset`
+    makes (its first round of questions does not depend on `per_type`)."""
     rng = clip_rng(seed, index)
     clip = make_clip(rng)
     return TrainingSample(clip, [ask(clip, qtype, rng) for _ in range(per_type) for qtype in QUESTION_TYPES])
@@ -219,7 +212,7 @@ def frame_labels(clip: SynthClip, patch: int = 14) -> dict[str, np.ndarray]:
     `patch_y` [T, P] (1 + which of `CENTER_BINS` columns / rows the object's centre is in) likewise;
     `object_share` [T, P] float32: every object gets an equal share of 1, spread over the patches it
     covers in proportion to its pixels in each (a target for where the tower's CLS attends,
-    `pipelines.train.cls_attention_loss`).
+    `synthqa.tower.cls_attention_loss`).
     """
     t_count, size = clip.owner.shape[0], clip.owner.shape[1]
     n_colors = len(COLORS)
@@ -252,65 +245,3 @@ def frame_labels(clip: SynthClip, patch: int = 14) -> dict[str, np.ndarray]:
     return {"count": count, "present": present, "shape": shape, "x": xs, "y": ys,
             "patch_color": patch_color, "patch_shape": patch_shape, "patch_direction": patch_direction,
             "patch_x": patch_x, "patch_y": patch_y, "object_share": share}
-
-
-def write_frames(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 12) -> Path:
-    """Frames uint8 [T, H, W, 3] -> H.264 mp4 (near-lossless crf, one encoder thread)."""
-    path = Path(path)
-    with av.open(str(path), mode="w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        # one encoder thread, lookahead included
-        stream.codec_context.thread_count = 1
-        stream.options = {"preset": "veryfast", "crf": str(crf), "threads": "1",
-                          "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}
-        for n, img in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            frame.pts, frame.time_base = n, Fraction(1, fps)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    return path
-
-
-def write_dataset(folder: str | Path, seed: int, clips: int) -> Path:
-    """Write `clips` mp4 files and `manifest.jsonl` with one question of every type per clip.
-
-    Manifest rows: `id` (`"<clip>-<type>"`), `video` (relative to the manifest), `question`, `answer`.
-    Returns the manifest's path.
-    """
-    if clips < 1:
-        raise ValueError(f"clips must be >= 1, got {clips}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index in range(clips):
-        sample = synth_sample(seed, index)
-        name = f"clip_{index:05d}.mp4"
-        write_frames(folder / name, sample.clip.frames)
-        rows += [
-            {"id": f"{index:05d}-{q.type}", "video": name, "question": q.question, "answer": q.answer}
-            for q in sample.questions
-        ]
-    manifest = folder / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return manifest
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("folder", help="where to write the mp4 files and manifest.jsonl")
-    parser.add_argument("--set", choices=sorted(HELDOUT), help="a fixed held-out set (seed and size)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--clips", type=int, default=None, help="5 questions per clip")
-    args = parser.parse_args(argv)
-    if args.set:
-        seed, clips = HELDOUT[args.set]
-    elif args.seed is not None and args.clips is not None:
-        seed, clips = args.seed, args.clips
-    else:
-        parser.error("give --set, or both --seed and --clips")
-    print(write_dataset(args.folder, seed, clips))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,71 @@
+"""`make demo`: the whole batch job on a few synthetic clips, predictions printed beside the truth.
+
+    python -m synthqa.demo +experiment=demo [overrides]
+
+A Hydra app on the job's own config (conf/, `+experiment=demo`): it writes held-out clips of the
+synthetic video QA (whose answers the shipped `models/synth` model was trained to give), one question of
+every type per clip, plus one row pointing at a truncated file, next to `data.manifest`; runs the job on
+them (the Ray pipeline, VisionZip on); then prints every row's prediction beside its ground truth and
+the accuracy per question type. The truncated file must come out as one error row while the rest
+completes. The batch job itself knows nothing of this: to it the demo is a manifest like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pipelines.config import register, to_job_config
+from pipelines.evaluate import evaluate, format_table, read_rows
+from pipelines.files import read_jsonl, write_jsonl
+from pipelines.job import run_job
+from synthqa.dataset import write_dataset
+from synthqa.sample_videos import write_truncated
+
+DEMO_SEED = 7_000_000  # apart from the training and held-out seeds
+DEMO_CLIPS = 6  # x 5 questions, one of each type
+
+register()
+
+
+def write_demo_data(manifest: str | Path, clips: int = DEMO_CLIPS, broken_video: bool = True) -> Path:
+    """Write `clips` clips (5 questions each) into the folder of `manifest`, and with `broken_video` a
+    truncated copy of the first (`broken.mp4`, asked the first clip's colour question), then the manifest
+    itself. Returns its path."""
+    manifest = Path(manifest)
+    folder = manifest.parent
+    rows = read_jsonl(write_dataset(folder, DEMO_SEED, clips))
+    if broken_video:
+        broken = write_truncated(folder / rows[0]["video"], folder / "broken.mp4", keep=0.5)
+        rows.append({"id": "broken-color", "video": broken.name, "question": rows[0]["question"],
+                     "answer": rows[0]["answer"]})
+    return write_jsonl(manifest, rows)
+
+
+def print_rows(output: str | Path) -> None:
+    """Each row's prediction beside its ground truth, then accuracy per question type."""
+    rows = read_rows(output)
+    for row in rows:
+        truth = f"{row['prediction']!r:>10} (truth {row['answer']!r})"
+        result = f"ERROR {row['error']}" if row["error"] else truth
+        print(f"{row['id']:>14}  {row['visual_tokens_kept']} of {row['visual_tokens_full']} visual tokens  "
+              f"{row['question']!r:<48} -> {result}")
+    print(format_table(evaluate(rows)))
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> dict:
+    job = to_job_config(cfg)
+    write_demo_data(job.data.manifest)
+    summary = run_job(job)
+    print_rows(summary["output"])
+    logging.getLogger("vzpipe").info("summary:\n%s", json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

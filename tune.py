@@ -1,0 +1,28 @@
+"""Projector tuning: `python tune.py data.manifest=train.jsonl [overrides]` (conf/tune.yaml; see the README).
+
+Writes OUT/projector.safetensors, which a batch job loads with `model.projector_path`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from pipelines.config import register, to_tune_config
+from pipelines.tune import run_tune
+
+register()
+
+
+@hydra.main(config_path="conf", config_name="tune", version_base=None)
+def main(cfg: DictConfig) -> dict:
+    summary = run_tune(to_tune_config(cfg))
+    logging.getLogger("vzpipe").info("tuning summary:\n%s", json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
