@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from pipelines.files import atomic_path
+
 OUTPUT_COLUMNS = (
     "id", "video", "question", "prediction", "answer", "visual_tokens_full", "visual_tokens_kept",
     "decode_seconds", "encode_seconds", "answer_seconds", "prompt_tokens", "generated_tokens", "error",
@@ -78,7 +80,6 @@ class OutputSink:
             import pyarrow.parquet as pq
 
             table = pa.Table.from_pylist([{k: r.get(k) for k in OUTPUT_COLUMNS} for r in self.rows])
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            pq.write_table(table, tmp)
-            os.replace(tmp, self.path)
+            with atomic_path(self.path) as partial:
+                pq.write_table(table, partial)
             self.journal.unlink()
