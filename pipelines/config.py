@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipelines.datasets import DataConfig
 from stages.answer import AnswerConfig
 from stages.decode import DecodeConfig
 from stages.encode import CompressionConfig
@@ -54,12 +55,6 @@ class RayConfig:
     num_cpus: int | None = None  # embedded Ray only; None = this machine's cores
     num_gpus: int | None = None
     object_store_memory: int | None = None
-
-
-@dataclass
-class DataConfig:
-    manifest: str = MISSING
-    video_root: str | None = None
 
 
 @dataclass
@@ -174,7 +169,7 @@ def check(problems: list[str]) -> None:
 def job_problems(job: JobConfig, tokens_per_frame: int | None = None) -> list[str]:
     """Every value the batch job cannot run with, each naming its key. With the model's
     `tokens_per_frame`, the token budgets are checked against it too."""
-    problems = _input_problems(job.model, job.decode, job.compression, tokens_per_frame)
+    problems = _input_problems(job.data, job.model, job.decode, job.compression, tokens_per_frame)
     if job.runner not in RUNNERS:
         problems.append(f"runner={job.runner!r} is not one of {', '.join(RUNNERS)}")
     problems += [f"pipeline.{problem}" for problem in job.pipeline.problems()]
@@ -191,14 +186,15 @@ def job_problems(job: JobConfig, tokens_per_frame: int | None = None) -> list[st
 
 def tune_problems(job: TuneJobConfig, tokens_per_frame: int | None = None) -> list[str]:
     """Every value projector tuning cannot run with (as `job_problems`)."""
-    problems = _input_problems(job.model, job.decode, job.compression, tokens_per_frame)
+    problems = _input_problems(job.data, job.model, job.decode, job.compression, tokens_per_frame)
     return problems + [f"tune.{problem}" for problem in job.tune.problems()]
 
 
-def _input_problems(model: ModelConfig, decode: DecodeConfig, compression: CompressionConfig,
-                    tokens_per_frame: int | None) -> list[str]:
+def _input_problems(data: DataConfig, model: ModelConfig, decode: DecodeConfig,
+                    compression: CompressionConfig, tokens_per_frame: int | None) -> list[str]:
     """The sections both entry points share, and the one check that spans two of them."""
-    problems = [f"model.{p}" for p in model.problems()]
+    problems = [f"data.{p}" for p in data.problems()]
+    problems += [f"model.{p}" for p in model.problems()]
     problems += [f"decode.{p}" for p in decode.problems()]
     problems += [f"compression.{p}" for p in compression.problems(tokens_per_frame)]
     temporal = compression.temporal

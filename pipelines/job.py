@@ -16,8 +16,9 @@ from contextlib import contextmanager
 from tqdm import tqdm
 
 from pipelines.config import JobConfig, check, job_problems, model_tokens_per_frame
-from pipelines.manifest import group_by_video, read_manifest
-from pipelines.runner import item_rows, question_rows, run_local, run_ray
+from pipelines.datasets import read_questions
+from pipelines.manifest import group_by_video
+from pipelines.runner import item_rows, question_fields, question_rows, run_local, run_ray
 from pipelines.sink import OutputSink
 from pipelines.summary import summarize, write_summary
 from stages.model import ModelConfig
@@ -29,19 +30,22 @@ log = logging.getLogger(__name__)
 def run_job(job: JobConfig) -> dict:
     """Run the job described by a config (from `to_job_config`) and return its summary."""
     check(job_problems(job, prepare_model(job.model)))
-    questions = read_manifest(job.data.manifest, job.data.video_root,
-                              require_question=job.pipeline.task == "qa")
+    questions = read_questions(job.data, require_question=job.pipeline.task == "qa")
     sink = OutputSink(job.output.path, overwrite=job.output.overwrite)
     pending = [q for q in questions if q.id not in sink.done_ids]
-    log.info("%d questions in %s, %d already done in %s", len(questions), job.data.manifest,
+    log.info("%d questions in %s, %d already done in %s", len(questions), job.data.describe(),
              len(questions) - len(pending), sink.path)
-    rows = item_rows(group_by_video(pending))
+    unaskable = [q for q in pending if q.error is not None]  # e.g. the set's video is not there
+    for question in unaskable:
+        sink.write({**question_fields(question), "error": question.error})
+    askable = {q.id: q for q in pending if q.error is None}
+    rows = item_rows(group_by_video(list(askable.values())), job.pipeline.choice_prompt)
     start = time.perf_counter()
-    with tqdm(total=len(pending), desc="questions", unit="row", file=sys.stderr,
-              disable=not pending) as progress:
+    with tqdm(total=len(askable), desc="questions", unit="row", file=sys.stderr,
+              disable=not askable) as progress:
 
         def on_video(video_row: dict) -> None:
-            for row in question_rows(video_row):
+            for row in question_rows(video_row, askable):
                 sink.write(row)
                 progress.update(1)
 

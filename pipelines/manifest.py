@@ -1,8 +1,11 @@
 """Reading the job's manifest: one row per question, grouped into one work item per video clip.
 
 A manifest is JSONL or CSV with columns `id`, `video`, `question` (optional when captioning), and
-optionally `answer`, `start`, `end` (seconds). Every problem in the file is reported at once, with its
-line number, before any work starts.
+optionally `answer`, `start`, `end` (seconds) and `category` (the question's type, for scores per
+category). A JSONL manifest may give a multiple-choice question its `options` (a list of texts, shown
+lettered A, B, ...); its `answer` is then the correct letter (or the correct option's text). Every problem
+in the file is reported at once, with its line number, before any work starts. Published benchmarks are
+read as they ship by `pipelines.datasets`, into the same `Question`s.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KNOWN_COLUMNS = {"id", "video", "question", "answer", "start", "end"}
+from stages.answer import LETTERS
+
+KNOWN_COLUMNS = {"id", "video", "question", "answer", "start", "end", "category", "options"}
 
 
 class ManifestError(ValueError):
@@ -25,9 +30,12 @@ class Question:
     id: str
     video: str  # resolved path
     question: str | None
-    answer: str | None = None
+    answer: str | None = None  # for multiple choice: the correct option's letter
     start: float | None = None
     end: float | None = None
+    category: str | None = None  # the set's question type, task or duration group
+    options: tuple[str, ...] | None = None  # multiple choice: the option texts, lettered A, B, ... in order
+    error: str | None = None  # why this question cannot be asked (e.g. its video is missing): an error row
 
 
 @dataclass
@@ -85,17 +93,44 @@ def read_manifest(path: str | Path, video_root: str | Path | None = None, requir
             continue
         if start is not None and end is not None and end <= start:
             problems.append(f"{where}: end={end} is not after start={start}")
+        try:
+            options, answer = choice_options(record.get("options"), _text(record.get("answer")))
+        except ValueError as err:
+            problems.append(f"{where}: {err}")
+            continue
         if qid is None or video is None:
             continue
         video_path = Path(video).expanduser()
         if not video_path.is_absolute():
             video_path = root / video_path
-        questions.append(Question(qid, str(video_path), question, _text(record.get("answer")), start, end))
+        questions.append(Question(qid, str(video_path), question, answer, start, end,
+                                  _text(record.get("category")), options))
     if not records:
         problems.append(f"{path}: no rows")
     if problems:
         raise ManifestError(f"manifest {path} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return questions
+
+
+def choice_options(options: object, answer: str | None) -> tuple[tuple[str, ...] | None, str | None]:
+    """Check a multiple-choice question's options (a list of 2 to 10 non-empty texts) and turn its answer
+    into their letter: `answer` may be the letter or the correct option's text. No options: unchanged."""
+    if options is None:
+        return None, answer
+    if not isinstance(options, list | tuple) or not 2 <= len(options) <= len(LETTERS):
+        raise ValueError(f"options must be a list of 2 to {len(LETTERS)} texts, got {options!r}")
+    texts = tuple(str(o).strip() for o in options)
+    if not all(texts):
+        raise ValueError(f"options must not be empty, got {list(options)!r}")
+    if answer is None:
+        return texts, None
+    letters = LETTERS[: len(texts)]
+    if answer.upper() in letters and len(answer) == 1:
+        return texts, answer.upper()
+    if answer in texts:
+        return texts, letters[texts.index(answer)]
+    raise ValueError(f"answer {answer!r} is neither one of the letters {', '.join(letters)} nor an option's "
+                     "text")
 
 
 def group_by_video(questions: list[Question]) -> list[VideoItem]:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import JobConfig, StageResources
-from pipelines.manifest import VideoItem
-from stages.answer import AnswerStage
+from pipelines.manifest import Question, VideoItem
+from stages.answer import CHOICE_PROMPT, AnswerStage, question_text
 from stages.columns import is_missing
 from stages.decode import DecodeStage
 from stages.encode import EncodeStage
@@ -43,23 +43,25 @@ def stage_specs(job: JobConfig) -> list[StageSpec]:
     ]
 
 
-def item_rows(items: list[VideoItem]) -> list[dict]:
-    """One row per clip, carrying its questions (decoded and encoded once for all of them)."""
+def item_rows(items: list[VideoItem], choice_prompt: str = CHOICE_PROMPT) -> list[dict]:
+    """One row per clip, carrying its question ids and the text each asks (decoded and encoded once for
+    all of them; a multiple-choice question is asked with its lettered options)."""
     return [
         {
             "video": item.video,
             "start": item.start,
             "end": item.end,
             "ids": [q.id for q in item.questions],
-            "questions": [q.question for q in item.questions],
-            "answers": [q.answer for q in item.questions],
+            "questions": [None if q.question is None else question_text(q.question, q.options, choice_prompt)
+                          for q in item.questions],
         }
         for item in items
     ]
 
 
-def question_rows(video_row: dict) -> Iterator[dict]:
-    """A finished video row -> one output row per question."""
+def question_rows(video_row: dict, questions: dict[str, Question]) -> Iterator[dict]:
+    """A finished video row -> one output row per question, with what the question (`questions` by id)
+    says of itself: its text, answer, category and options."""
     n = len(video_row["ids"])
     error = video_row.get("error")
     per_answer = {key: _per_answer(video_row.get(key), n)
@@ -67,12 +69,10 @@ def question_rows(video_row: dict) -> Iterator[dict]:
                               "llm_decode_seconds")}
     for i in range(n):
         prefill, decode = per_answer["prefill_seconds"][i], per_answer["llm_decode_seconds"][i]
+        question = questions[str(video_row["ids"][i])]
         yield {
-            "id": str(video_row["ids"][i]),
-            "video": str(video_row["video"]),
-            "question": _plain(video_row["questions"][i]),
+            **question_fields(question),
             "prediction": per_answer["predictions"][i],
-            "answer": _plain(video_row["answers"][i]),
             "visual_tokens_full": _count(video_row.get("visual_tokens_full")),
             "visual_tokens_kept": _count(video_row.get("visual_tokens_kept")),
             "decode_seconds": _plain(video_row.get("decode_seconds")),
@@ -82,6 +82,14 @@ def question_rows(video_row: dict) -> Iterator[dict]:
             "generated_tokens": _count(per_answer["generated_tokens"][i]),
             "error": None if is_missing(error) else str(error),
         }
+
+
+def question_fields(question: Question) -> dict:
+    """The columns of an output row that come from the question itself (an error row has only these and
+    its `error`)."""
+    return {"id": question.id, "video": question.video, "question": question.question,
+            "answer": question.answer, "category": question.category,
+            "options": None if question.options is None else list(question.options)}
 
 
 def _per_answer(values: Any, n: int) -> list:

@@ -15,8 +15,9 @@ from pathlib import Path
 from pipelines.files import atomic_path
 
 OUTPUT_COLUMNS = (
-    "id", "video", "question", "prediction", "answer", "visual_tokens_full", "visual_tokens_kept",
-    "decode_seconds", "encode_seconds", "answer_seconds", "prompt_tokens", "generated_tokens", "error",
+    "id", "video", "question", "prediction", "answer", "category", "options", "visual_tokens_full",
+    "visual_tokens_kept", "decode_seconds", "encode_seconds", "answer_seconds", "prompt_tokens",
+    "generated_tokens", "error",
 )
 
 

@@ -1,5 +1,5 @@
-"""Projector tuning (`python tune.py`, conf/tune.yaml): VisionZip's efficient tuning, from a manifest with
-answers.
+"""Projector tuning (`python tune.py`, conf/tune.yaml): VisionZip's efficient tuning, from questions with
+answers (a manifest or a published set, `pipelines.datasets`; multiple choice as the job asks it).
 
 A Video-LLaVA trained on full frames reads a few hundred compressed tokens that it never saw in training.
 The paper closes part of that gap by fine-tuning only the multimodal projector on compressed tokens, with
@@ -45,11 +45,11 @@ from transformers import (
 )
 
 from pipelines.config import TuneConfig, TuneJobConfig, check, tune_problems
+from pipelines.datasets import read_questions
 from pipelines.files import atomic_path, write_json
 from pipelines.job import prepare_model
-from pipelines.manifest import ManifestError, Question, group_by_video, read_manifest
-from pipelines.runner import item_rows
-from stages.answer import AnswerStage
+from pipelines.manifest import ManifestError, Question, group_by_video
+from stages.answer import AnswerStage, question_text
 from stages.columns import errors_of
 from stages.decode import DecodeStage
 from stages.encode import EncodeStage
@@ -65,23 +65,24 @@ def run_tune(job: TuneJobConfig) -> dict:
     check(tune_problems(job, prepare_model(job.model)))
     cfg = job.tune
     out = Path(cfg.out)
-    questions = read_manifest(job.data.manifest, job.data.video_root)
+    questions = read_questions(job.data)
     unanswered = [q.id for q in questions if not (q.answer or "").strip()]
     if unanswered:
         raise ManifestError(
-            f"manifest {job.data.manifest}: tuning needs an answer for every question; none for "
+            f"{job.data.describe()}: tuning needs an answer for every question; none for "
             f"{len(unanswered)} ids: {', '.join(unanswered[:10])}{' ...' if len(unanswered) > 10 else ''}"
         )
     model, tokenizer = load_model(job.model)
     start = time.perf_counter()
     tokens, examples, errors = compressed_examples(job, model, questions)
     if not examples:
-        raise RuntimeError(f"no video of {job.data.manifest} could be encoded: {errors}")
+        raise RuntimeError(f"no video of {job.data.describe()} could be encoded: {errors}")
     log.info("tuning the projector on %d questions about %d videos (%d videos failed)", len(examples),
              len(tokens), len(errors))
     # the starting projector's weights, not only the model's path: a checkpoint retrained in the same
     # folder (or another model.projector_path) must not resume a run tuned from other weights
-    fingerprint = {"manifest": str(Path(job.data.manifest).resolve()), "questions": len(examples),
+    fingerprint = {"data": {key: str(Path(path).resolve()) for key, path in job.data.files().items()},
+                   "questions": len(examples),
                    "compression": asdict(job.compression), "model": job.model.path,
                    "projector_start": weights_digest(model.model.multi_modal_projector),
                    "tune": {k: v for k, v in asdict(cfg).items()
@@ -157,19 +158,22 @@ def compressed_examples(job: TuneJobConfig, model: torch.nn.Module, questions: l
     tokens: list[torch.Tensor] = []
     examples: list[tuple[int, str, str]] = []
     errors: list[dict] = []
-    for row in item_rows(group_by_video(questions)):
-        decoded = decode({key: [value] for key, value in row.items()})
-        error = errors_of(decoded, 1)[0]
+    for item in group_by_video(questions):
+        error = next((q.error for q in item.questions if q.error is not None), None)
+        if error is None:
+            decoded = decode({"video": [item.video], "start": [item.start], "end": [item.end]})
+            error = errors_of(decoded, 1)[0]
         if error is None:
             try:
                 kept = encode.compressed_tokens([decoded["frames"][0]])[0]
             except Exception as err:  # noqa: BLE001 - one video's failure is listed, the rest train
                 error = f"encode: {type(err).__name__}: {err}"
         if error is not None:
-            errors.append({"video": row["video"], "ids": row["ids"], "error": error})
+            errors.append({"video": item.video, "ids": [q.id for q in item.questions], "error": error})
             continue
         tokens.append(kept.cpu().clone())  # a normal tensor: autograd cannot use inference ones
-        examples += [(len(tokens) - 1, q, a) for q, a in zip(row["questions"], row["answers"], strict=True)]
+        examples += [(len(tokens) - 1, question_text(q.question, q.options), q.answer)
+                     for q in item.questions]
     return tokens, examples, errors
 
 

@@ -32,6 +32,9 @@ from stages.model import ModelConfig, load_model
 
 PROMPT = "USER: <video>\n{question} ASSISTANT:"
 CAPTION_PROMPT = "Describe the video in detail."
+# multiple choice, as LLaVA's evaluations ask it: the options lettered, then the instruction
+CHOICE_PROMPT = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
+LETTERS = "ABCDEFGHIJ"
 TASKS = ("qa", "caption")
 # batch column <- Answer field
 _COLUMNS = {
@@ -79,20 +82,36 @@ class AnswerConfig:
     """What the answer stage asks about each video, and how it generates (the `pipeline` config group)."""
 
     task: str = "qa"  # qa: each question of the manifest; caption: `caption_prompt` once per video
+    prompt: str = PROMPT  # the conversation around the video and the question (Video-LLaVA's)
+    choice_prompt: str = CHOICE_PROMPT  # a multiple-choice question with its lettered options
     caption_prompt: str = CAPTION_PROMPT
     generation: GenerateConfig = field(default_factory=GenerateConfig)
 
     def problems(self) -> list[str]:
         found = [] if self.task in TASKS else [f"task={self.task!r} is not one of {', '.join(TASKS)}"]
+        if "{question}" not in self.prompt:
+            found.append(f"prompt must contain {{question}}, got {self.prompt!r}")
+        if "{question}" not in self.choice_prompt or "{options}" not in self.choice_prompt:
+            found.append(f"choice_prompt must contain {{question}} and {{options}}, "
+                         f"got {self.choice_prompt!r}")
         return found + [f"generation.{problem}" for problem in self.generation.problems()]
+
+
+def question_text(question: str, options: Sequence[str] | None = None, choice_prompt: str = CHOICE_PROMPT
+                  ) -> str:
+    """What is asked in the prompt: an open question as it is; a multiple-choice one in `choice_prompt`
+    with its options as lines `(A) text`."""
+    if not options:
+        return question
+    lettered = "\n".join(f"({letter}) {text}" for letter, text in zip(LETTERS, options, strict=False))
+    return choice_prompt.format(question=question, options=lettered)
 
 
 class AnswerStage:
     """Visual embeddings + questions -> answers. A plain callable, and a Ray Data `map_batches` class.
 
     `model` is a `ModelConfig` (model and tokenizer are loaded here, the LLM only) or a loaded
-    `VideoLlavaForConditionalGeneration`, which then needs its `tokenizer`. `prompt` is the template a
-    question is asked in (Video-LLaVA's by default).
+    `VideoLlavaForConditionalGeneration`, which then needs its `tokenizer`.
     """
 
     def __init__(
@@ -101,7 +120,6 @@ class AnswerStage:
         tokenizer: PreTrainedTokenizerBase | None = None,
         *,
         config: AnswerConfig | None = None,
-        prompt: str = PROMPT,
     ) -> None:
         if isinstance(model, ModelConfig):
             model, tokenizer = load_model(model, keep="language")
@@ -110,12 +128,12 @@ class AnswerStage:
         config = config or AnswerConfig()
         problems = config.problems()
         self.video_token = tokenizer.convert_ids_to_tokens(model.config.video_token_id)
-        if prompt.count(self.video_token) != 1 or "{question}" not in prompt:
-            problems.append(f"prompt must contain {self.video_token} once and {{question}}, got {prompt!r}")
+        if config.prompt.count(self.video_token) != 1:
+            problems.append(f"prompt must contain {self.video_token} once, got {config.prompt!r}")
         if problems:
             raise ValueError("invalid answer settings: " + "; ".join(problems))
         self.model, self.tokenizer = model, tokenizer
-        self.task, self.caption_prompt, self.prompt = config.task, config.caption_prompt, prompt
+        self.task, self.caption_prompt, self.prompt = config.task, config.caption_prompt, config.prompt
         g = config.generation
         self.batch_size = g.batch_size
         sampling = {"temperature": g.temperature, "top_p": g.top_p} if g.do_sample else {}

@@ -278,11 +278,12 @@ def test_a_dead_worker_is_restarted_and_its_batch_retried(data, tmp_path):
 
     job = job_config(data, tmp_path / "unused.jsonl", "ray.num_cpus=2", "resources.decode.batch_size=1",
                      "resources.encode.batch_size=1", "resources.answer.batch_size=1")
-    rows = item_rows(group_by_video(read_manifest(data["manifest"])))
+    questions = read_manifest(data["manifest"])
+    rows = item_rows(group_by_video(questions))
     done, killed = [], []
 
     def kill_the_encoder_once(video_row: dict) -> None:
-        done.extend(question_rows(video_row))
+        done.extend(question_rows(video_row, {q.id: q for q in questions}))
         if not killed:
             for proc in psutil.process_iter(["cmdline"]):
                 if "MapBatches(EncodeStage)" in " ".join(proc.info["cmdline"] or []):

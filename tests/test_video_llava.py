@@ -26,7 +26,7 @@ def compressed(method: str = "visionzip", dominant: int = 14, contextual: int = 
 
 
 def answering(task: str = "qa", caption_prompt: str = CAPTION_PROMPT, **generation) -> AnswerConfig:
-    return AnswerConfig(task, caption_prompt, GenerateConfig(**generation))
+    return AnswerConfig(task=task, caption_prompt=caption_prompt, generation=GenerateConfig(**generation))
 
 
 def make_video(frames: int, seed: int, height: int = 120, width: int = 160) -> np.ndarray:
@@ -328,7 +328,7 @@ def test_stages_reject_bad_settings_and_inputs(tiny):
     with pytest.raises(ValueError, match="generation.max_new_tokens=0 must be >= 1"):
         AnswerStage(model, tokenizer, config=answering(max_new_tokens=0))
     with pytest.raises(ValueError, match="prompt must contain <video> once"):
-        AnswerStage(model, tokenizer, prompt="USER: {question} ASSISTANT:")
+        AnswerStage(model, tokenizer, config=AnswerConfig(prompt="USER: {question} ASSISTANT:"))
     answerer = AnswerStage(model, tokenizer)
     with pytest.raises(ValueError, match=r"visual embeddings 0 must be \[M >= 1, 64\], got \(5, 32\)"):
         answerer.answer([torch.zeros(5, 32)], ["Why?"])
