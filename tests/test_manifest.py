@@ -86,3 +86,29 @@ def test_missing_and_empty_manifests(tmp_path):
     (tmp_path / "bad.csv").write_text("id,video,question\na,v.mp4,q,extra\n")
     with pytest.raises(ManifestError, match=r"bad.csv:2: 1 more field\(s\) than the header"):
         read_manifest(tmp_path / "bad.csv")
+
+
+def test_multiple_choice_rows_carry_options_category_and_the_answer_letter(tmp_path):
+    manifest = write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "a", "video": "v.mp4", "question": "Which way?", "options": ["left", "right"], "answer": "b",
+         "category": "direction"},
+        {"id": "b", "video": "v.mp4", "question": "Which colour?", "options": ["red", " blue "],
+         "answer": "blue"},
+        {"id": "c", "video": "v.mp4", "question": "How many?", "category": "count", "answer": "two"},
+    ])  # fmt: skip
+    a, b, c = read_manifest(manifest)
+    assert (a.options, a.answer, a.category) == (("left", "right"), "B", "direction")
+    assert (b.options, b.answer, b.category) == (("red", "blue"), "B", None)  # an option's text -> its letter
+    assert (c.options, c.answer, c.category) == (None, "two", "count")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [
+        {"id": "x", "video": "v.mp4", "question": "q", "options": ["only one"]},
+        {"id": "y", "video": "v.mp4", "question": "q", "options": ["a", "b"], "answer": "C"},
+        {"id": "z", "video": "v.mp4", "question": "q", "options": "a|b"},
+    ])  # fmt: skip
+    with pytest.raises(ManifestError) as err:
+        read_manifest(bad)
+    assert str(err.value).splitlines()[1:] == [
+        f"  {bad}:1: options must be a list of 2 to 10 texts, got ['only one']",
+        f"  {bad}:2: answer 'C' is neither one of the letters A, B nor an option's text",
+        f"  {bad}:3: options must be a list of 2 to 10 texts, got 'a|b'",
+    ]

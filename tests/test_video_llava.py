@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from stages.answer import CAPTION_PROMPT, PROMPT, AnswerConfig, AnswerStage, GenerateConfig
+from stages.answer import CAPTION_PROMPT, PROMPT, AnswerConfig, AnswerStage, GenerateConfig, question_text
 from stages.encode import CompressionConfig, EncodeStage, TemporalConfig
 from stages.model import ModelConfig, ModelLoadError, load_video_llava
 from stages.testing import build_tiny_video_llava
@@ -418,3 +418,12 @@ def test_encoder_uses_a_tuned_projector(tiny_dir, tmp_path):
     assert not torch.allclose(plain, expected)
     with pytest.raises(ModelLoadError, match="cannot read safetensors weights"):
         EncodeStage(replace(model, projector_path=str(tmp_path / "missing.safetensors")))
+
+
+def test_multiple_choice_questions_are_asked_with_lettered_options():
+    assert question_text("What color is it?") == "What color is it?"
+    assert question_text("What color is it?", ("red", "blue")) == (
+        "What color is it?\n(A) red\n(B) blue\nAnswer with the option's letter from the given choices directly.")
+    assert question_text("Q?", ("x", "y"), "{options} | {question}") == "(A) x\n(B) y | Q?"
+    assert AnswerConfig(choice_prompt="{question} only").problems() == [
+        "choice_prompt must contain {question} and {options}, got '{question} only'"]
