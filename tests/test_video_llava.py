@@ -423,7 +423,8 @@ def test_encoder_uses_a_tuned_projector(tiny_dir, tmp_path):
 def test_multiple_choice_questions_are_asked_with_lettered_options():
     assert question_text("What color is it?") == "What color is it?"
     assert question_text("What color is it?", ("red", "blue")) == (
-        "What color is it?\n(A) red\n(B) blue\nAnswer with the option's letter from the given choices directly.")
+        "What color is it?\n(A) red\n(B) blue\n"
+        "Answer with the option's letter from the given choices directly.")
     assert question_text("Q?", ("x", "y"), "{options} | {question}") == "(A) x\n(B) y | Q?"
     assert AnswerConfig(choice_prompt="{question} only").problems() == [
         "choice_prompt must contain {question} and {options}, got '{question} only'"]
