@@ -11,6 +11,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from pipelines.cli import plain_errors
 from pipelines.config import register, to_tune_config
 from pipelines.tune import run_tune
 
@@ -19,7 +20,8 @@ register()
 
 @hydra.main(config_path="conf", config_name="tune", version_base=None)
 def main(cfg: DictConfig) -> dict:
-    summary = run_tune(to_tune_config(cfg))
+    with plain_errors():
+        summary = run_tune(to_tune_config(cfg))
     logging.getLogger("vzpipe").info("tuning summary:\n%s", json.dumps(summary, indent=2))
     return summary
 

@@ -2,10 +2,11 @@
 
 Every setting runs the whole job (decode the held-out mp4 files, encode, compress, answer) with the
 shipped synth model (`model=synth`, 65 tokens per frame) and the local runner, then
-`pipelines.evaluate` scores it. Settings: full tokens; VisionZip at 4 budgets per frame; at each budget
-the controls with the same token count (dominant only, random patches, pooled grid); VisionZip and full
-with temporal merging. Budget 5 of 65 (7.7%) stands for the paper's 136 of 2056 (6.6%): the nearest
-count whose pooled grid is square (2 x 2); budget 4 (6.2%) is just below it.
+`pipelines.score` scores it (exact match, per question type: the manifest's `category`). Settings: full
+tokens; VisionZip at 4 budgets per frame; at each budget the controls with the same token count (dominant
+only, random patches, pooled grid); VisionZip and full with temporal merging. Budget 5 of 65 (7.7%)
+stands for the paper's 136 of 2056 (6.6%): the nearest count whose pooled grid is square (2 x 2); budget
+4 (6.2%) is just below it.
 
     .venv/bin/python -m bench.bench_retention [--set val500|test2000] [--model models/synth]
 
@@ -29,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CACHE_DIR, RESULTS_DIR, goal, print_table, write_result  # noqa: E402
 from pipelines.config import compose_job  # noqa: E402
-from pipelines.evaluate import evaluate, read_rows  # noqa: E402
 from pipelines.job import run_job  # noqa: E402
+from pipelines.score import score_file  # noqa: E402
 from synthqa.clips import QUESTION_TYPES  # noqa: E402
 from synthqa.dataset import HELDOUT, write_dataset  # noqa: E402
 
@@ -72,7 +73,7 @@ def synth_job(overrides: list[str], manifest: Path, model: str) -> dict:
 
 def run_setting(overrides: list[str], manifest: Path, output: Path, model: str) -> dict:
     synth_job([f"output.path={output}", "output.overwrite=true", *overrides], manifest, model)
-    return evaluate(read_rows(output))
+    return score_file(output, metric="exact")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         result = run_setting(overrides, manifest, data / "out" / f"{name}.jsonl", args.model)
         row = {"setting": name, "method": method, "tokens_per_frame": per_frame,
                "visual_tokens": result["visual_tokens_kept_mean"]}  # fmt: skip
-        row.update({t: result["types"][t]["accuracy"] for t in QUESTION_TYPES if t in result["types"]})
+        by_type = result["by_category"]
+        row.update({t: by_type[t]["accuracy"] for t in QUESTION_TYPES if t in by_type})
         row["overall"] = result["overall"]["accuracy"]
         row["errors"] = result["overall"]["errors"]
         row["answer_s"] = result["answer_seconds_mean"]

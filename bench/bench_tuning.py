@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     work = CACHE_DIR / "synth" / "tuning" / Path(args.model).name
     full = run_setting(["compression=none"], heldout / "manifest.jsonl", work / "full.jsonl", model)
     rows = [{"setting": "full", "tuned": False, "overall": full["overall"]["accuracy"],
-             **{t: full["types"][t]["accuracy"] for t in QUESTION_TYPES}}]  # fmt: skip
+             **{t: full["by_category"][t]["accuracy"] for t in QUESTION_TYPES}}]  # fmt: skip
     for method in METHODS:
         tuned = work / f"{method}-{PAPER_BUDGET}-{args.steps}steps"
         summary = tune(method, compression, train / "manifest.jsonl", tuned, model, args.steps, args.lr,
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             name = f"{method}-{PAPER_BUDGET}" + ("+tuned" if projector else "")
             result = run_setting(overrides, heldout / "manifest.jsonl", work / f"{name}.jsonl", model)
             row = {"setting": name, "tuned": projector is not None, "overall": result["overall"]["accuracy"],
-                   **{t: result["types"][t]["accuracy"] for t in QUESTION_TYPES}}  # fmt: skip
+                   **{t: result["by_category"][t]["accuracy"] for t in QUESTION_TYPES}}  # fmt: skip
             if projector is not None:
                 row.update(tune_steps=summary["steps"], tune_questions=summary["questions"],
                            tune_loss_first=summary["loss_first"], tune_loss_last=summary["loss_last"])

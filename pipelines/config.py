@@ -19,11 +19,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipelines.datasets import DataConfig
+from pipelines.score import ScoreConfig
 from stages.answer import AnswerConfig
 from stages.decode import DecodeConfig
 from stages.encode import CompressionConfig
-from stages.model import ModelConfig, read_model_config
-from visionzip.video_llava import tokens_per_frame
+from stages.model import ModelConfig
 
 RUNNERS = ("ray", "local")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -60,7 +60,8 @@ class RayConfig:
 @dataclass
 class OutputConfig:
     path: str = MISSING
-    overwrite: bool = False
+    overwrite: bool = False  # start over: drop the rows (and fingerprint) already there
+    retry_errors: bool = True  # a rerun asks again the questions whose rows are errors
 
 
 @dataclass
@@ -74,8 +75,10 @@ class JobConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     pipeline: AnswerConfig = field(default_factory=AnswerConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    max_error_fraction: float = 0.25  # more error rows than this (of the whole output): exit non-zero
 
 
 @dataclass
@@ -156,11 +159,6 @@ def to_tune_config(cfg: DictConfig) -> TuneJobConfig:
     return job
 
 
-def model_tokens_per_frame(model: ModelConfig) -> int:
-    """The checkpoint's tokens per frame, from its config alone (a wrong path fails here, naming it)."""
-    return tokens_per_frame(read_model_config(model.path))
-
-
 def check(problems: list[str]) -> None:
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
@@ -173,6 +171,9 @@ def job_problems(job: JobConfig, tokens_per_frame: int | None = None) -> list[st
     if job.runner not in RUNNERS:
         problems.append(f"runner={job.runner!r} is not one of {', '.join(RUNNERS)}")
     problems += [f"pipeline.{problem}" for problem in job.pipeline.problems()]
+    problems += [f"score.{problem}" for problem in job.score.problems()]
+    if not 0 <= job.max_error_fraction <= 1:
+        problems.append(f"max_error_fraction={job.max_error_fraction} must be in [0, 1]")
     for name in ("decode", "encode", "answer"):
         r: StageResources = getattr(job.resources, name)
         if r.num_cpus < 0 or (r.num_gpus or 0) < 0:
@@ -181,6 +182,13 @@ def job_problems(job: JobConfig, tokens_per_frame: int | None = None) -> list[st
             problems.append(f"resources.{name}: pool_size and batch_size must be >= 1")
     if job.resources.frame_batch_size < 1:
         problems.append(f"resources.frame_batch_size={job.resources.frame_batch_size} must be >= 1")
+    ray = job.ray
+    if ray.num_cpus is not None and ray.num_cpus < 1:
+        problems.append(f"ray.num_cpus={ray.num_cpus} must be >= 1 or null")
+    if ray.num_gpus is not None and ray.num_gpus < 0:
+        problems.append(f"ray.num_gpus={ray.num_gpus} must be >= 0 or null")
+    if ray.object_store_memory is not None and ray.object_store_memory < 1:
+        problems.append(f"ray.object_store_memory={ray.object_store_memory} must be > 0 bytes or null")
     return problems
 
 

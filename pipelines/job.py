@@ -1,101 +1,257 @@
-"""A whole batch job: check the config, prepare inputs, run the stages, write rows, sum up.
+"""A whole batch job: check the config, prepare inputs, run the stages, write rows, score, sum up.
 
-Work is skipped for ids already in the output (resume); every question ends as exactly one row, an
-error row when its video or its generation failed.
+Work is skipped for ids already answered in the output (resume; only by a job with the same fingerprint,
+see `pipelines.sink`); every question ends as exactly one row, an error row when its video or its
+generation failed, with its traceback in `<stem>.errors.log`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, replace
+from pathlib import Path
 
 from tqdm import tqdm
+from transformers import PretrainedConfig
 
-from pipelines.config import JobConfig, check, job_problems, model_tokens_per_frame
-from pipelines.datasets import read_questions
-from pipelines.manifest import group_by_video
+from pipelines.config import JobConfig, check, job_problems
+from pipelines.datasets import DataConfig, read_questions
+from pipelines.manifest import Question, group_by_video
 from pipelines.runner import item_rows, question_fields, question_rows, run_local, run_ray
+from pipelines.score import score_file
 from pipelines.sink import OutputSink
-from pipelines.summary import summarize, write_summary
-from stages.model import ModelConfig
+from pipelines.summary import STAGES, summarize, write_summary
+from stages.model import ModelConfig, ModelLoadError, read_model_config
 from stages.testing import build_tiny_video_llava
+from visionzip.video_llava import tokens_per_frame
 
 log = logging.getLogger(__name__)
 
 
 def run_job(job: JobConfig) -> dict:
-    """Run the job described by a config (from `to_job_config`) and return its summary."""
-    check(job_problems(job, prepare_model(job.model)))
+    """Run the job described by a config (from `to_job_config`) and return its summary: every row
+    written, then scored when the questions have answers. `summary["failed"]` says why the job must
+    count as failed (too many error rows), else None."""
+    model_config = prepare_model(job.model)
+    check(job_problems(job, tokens_per_frame(model_config)))
     questions = read_questions(job.data, require_question=job.pipeline.task == "qa")
-    sink = OutputSink(job.output.path, overwrite=job.output.overwrite)
+    if job.pipeline.task == "caption":
+        questions = one_per_clip(questions, job.pipeline.caption_prompt)
+    sink = OutputSink(job.output.path, overwrite=job.output.overwrite, retry_errors=job.output.retry_errors,
+                      fingerprint=job_fingerprint(job, model_config))
     pending = [q for q in questions if q.id not in sink.done_ids]
-    log.info("%d questions in %s, %d already done in %s", len(questions), job.data.describe(),
-             len(questions) - len(pending), sink.path)
-    unaskable = [q for q in pending if q.error is not None]  # e.g. the set's video is not there
-    for question in unaskable:
+    log.info("%d questions in %s, %d already answered in %s%s", len(questions), job.data.describe(),
+             len(questions) - len(pending), sink.path,
+             f" ({sink.retried} error rows to retry)" if sink.retried else "")
+    for question in (q for q in pending if q.error is not None):  # e.g. the set's video is not there
         sink.write({**question_fields(question), "error": question.error})
+        sink.log_error([question.id], question.video, question.error, None)
     askable = {q.id: q for q in pending if q.error is None}
     rows = item_rows(group_by_video(list(askable.values())), job.pipeline.choice_prompt)
+    written: list[dict] = []
+    stage_seconds = dict.fromkeys(STAGES, 0.0)
     start = time.perf_counter()
-    with tqdm(total=len(askable), desc="questions", unit="row", file=sys.stderr,
-              disable=not askable) as progress:
+    with ray_session(job) if rows and job.runner == "ray" else nullcontext(), \
+            _Progress(len(askable)) as progress:
 
         def on_video(video_row: dict) -> None:
-            for row in question_rows(video_row, askable):
+            new = list(question_rows(video_row, askable))
+            for row in new:
                 sink.write(row)
-                progress.update(1)
+            if new and new[0]["error"]:
+                sink.log_error([r["id"] for r in new], new[0]["video"], new[0]["error"],
+                               video_row.get("error_traceback"))
+            written.extend(new)
+            for stage in ("decode", "encode"):  # the clip's, once
+                stage_seconds[stage] += (new[0][f"{stage}_seconds"] or 0.0) if new else 0.0
+            stage_seconds["answer"] += sum(r["answer_seconds"] or 0.0 for r in new)  # each answer's share
+            progress.update(len(new))
 
         if rows:
-            if job.runner == "local":
-                run_local(job, rows, on_video)
-            else:
-                with ray_session(job):
-                    run_ray(job, rows, on_video)
+            log.info("starting the stages for %d clips ...", len(rows))
+            (run_local if job.runner == "local" else run_ray)(job, rows, on_video)
     sink.close()
-    summary = summarize(sink.rows, time.perf_counter() - start, rows_this_run=len(pending))
+    summary = summarize(sink.rows, written, stage_seconds, time.perf_counter() - start)
     summary["output"] = str(sink.path)
+    summary["scores"] = score_output(job, sink)
+    summary["failed"] = failure(summary, job.max_error_fraction)
     summary["summary"] = str(write_summary(summary, sink.path))
     return summary
 
 
-def prepare_model(model: ModelConfig) -> int:
+def one_per_clip(questions: list[Question], prompt: str) -> list[Question]:
+    """Captioning: one row per clip (the id of its first row), asked `prompt`, the prompt it records."""
+    clips = group_by_video(questions)
+    if len(clips) < len(questions):
+        log.info("captioning %d clips (%d rows: one caption per clip)", len(clips), len(questions))
+    return [replace(clip.questions[0], question=prompt) for clip in clips]
+
+
+def score_output(job: JobConfig, sink: OutputSink) -> dict | None:
+    """Score the output as `job.score` says, when its questions have answers: {path, metric, overall}."""
+    metric = job.score.metric_for(job.data.format)
+    if metric == "none" or not any(row.get("answer") for row in sink.rows):
+        return None
+    if metric == "judge" and not job.score.judge.url:
+        log.warning("not scored: %s is scored by an LLM judge; set score.judge.url and score.judge.model, or "
+                    "run `python -m pipelines.score %s --judge-url URL --judge-model MODEL`", job.data.format,
+                    sink.path)
+        return None
+    scores = score_file(sink.path, metric=metric, judge=job.score.judge if metric == "judge" else None,
+                        rows=sink.rows)
+    return {"path": str(scores_path_of(sink.path)), "metric": scores["metric"], "overall": scores["overall"]}
+
+
+def scores_path_of(output: Path) -> Path:
+    return output.with_name(output.stem + ".scores.json")
+
+
+def failure(summary: dict, max_error_fraction: float) -> str | None:
+    """Why the job counts as failed, or None: every row an error, or more than `max_error_fraction`."""
+    rows, errors = summary["rows"], summary["error"]
+    if rows and errors == rows:
+        return f"every one of the {rows} rows failed (see {Path(summary['output']).stem}.errors.log)"
+    if rows and errors / rows > max_error_fraction:
+        return (f"{errors} of {rows} rows failed ({errors / rows:.0%} > max_error_fraction="
+                f"{max_error_fraction}; see {Path(summary['output']).stem}.errors.log)")
+    return None
+
+
+def prepare_model(model: ModelConfig) -> PretrainedConfig:
     """Make `model.path` loadable from any worker (the tiny model built when asked, a local folder made
-    absolute) and return its tokens per frame, read from its config before any work starts."""
+    absolute) and return its config, read in this process before any work starts: a model that cannot
+    be found fails here, in seconds, not inside a worker."""
     local = os.path.expanduser(model.path)
     if model.build_tiny:
         build_tiny_video_llava(local)
     if os.path.isdir(local):  # workers may run in another folder: give them an absolute path
         model.path = os.path.abspath(local)
-    return model_tokens_per_frame(model)
+    try:
+        return read_model_config(model.path)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{err}\nWays out: model.path=DIR (a folder holding the checkpoint), "
+                             "model=synth (the small Video-LLaVA shipped in models/synth), or model=tiny "
+                             "(a random one built here: the plumbing without the answers)") from None
+
+
+def job_fingerprint(job: JobConfig, model_config: PretrainedConfig) -> dict:
+    """What determines a job's answers: the model (its config's digest and dtype), the tuned projector's
+    digest, compression, decoding, prompts and generation, and the data files' digests. Resources (batch
+    sizes, devices, pools, threads) are left out: they change speed, not answers."""
+    generation = {k: v for k, v in asdict(job.pipeline.generation).items() if k != "batch_size"}
+    return {
+        "model": {"path": job.model.path, "dtype": job.model.dtype,
+                  "config_sha256": _digest(json.dumps(model_config.to_dict(), sort_keys=True).encode()),
+                  "projector": _file_digest(job.model.projector_path)},
+        "compression": asdict(job.compression),
+        "decode": {k: v for k, v in asdict(job.decode).items() if k != "threads"},
+        "pipeline": {**asdict(job.pipeline), "generation": generation},
+        "data": _data_fingerprint(job.data),
+    }
+
+
+def _data_fingerprint(data: DataConfig) -> dict:
+    return {"format": data.format, "video_root": data.video_root,
+            "files": {key: {"path": str(Path(path).resolve()), "sha256": _file_digest(path)}
+                      for key, path in data.files().items() if path}}
+
+
+def _file_digest(path: str | None) -> str | None:
+    """A file's sha256; a folder's (e.g. MVBench's one JSON per task): of its files' names and bytes."""
+    if path is None or not Path(path).exists():
+        return None
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return _digest(b"".join(str(p.relative_to(path.parent)).encode() + p.read_bytes() for p in files))
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _Progress:
+    """The job's one progress bar over questions; it appears with the first answers, so its clock and
+    rate count the work, not Ray's and the models' start."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.bar = total, None
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def update(self, n: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, desc="questions", unit="row", file=sys.stderr)
+        self.bar.update(n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @contextmanager
 def ray_session(job: JobConfig) -> Iterator[None]:
-    """Start an embedded Ray (`ray.address` null) or join a cluster (`auto` or HOST:PORT, starting
-    nothing); always disconnect at the end, so the jobs of a Hydra sweep, which run one after another in
-    one process, never share a session."""
+    """Ray for the job: a session the caller already started is used and left running; otherwise an
+    embedded Ray (`ray.address` null) or a cluster joined (`auto` or HOST:PORT, starting nothing), and
+    disconnected at the end, so the jobs of a Hydra sweep, which run one after another in one process,
+    never share a session. The embedded Ray is quiet: its internal warnings (token authentication, the
+    core worker's notes, Ray Data's progress and plan lines) do not reach the console; a cluster's own
+    settings are left alone."""
     import ray
     import torch
 
-    cfg = job.ray
     if ray.is_initialized():
-        ray.shutdown()
+        yield
+        return
+    cfg = job.ray
     if cfg.address is None:
-        ray.init(
-            num_cpus=cfg.num_cpus or os.cpu_count(),
-            num_gpus=cfg.num_gpus if cfg.num_gpus is not None else torch.cuda.device_count(),
-            object_store_memory=cfg.object_store_memory,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # C++ notes of the driver's core worker
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        with _stderr_without(_RAY_START_NOTES):
+            ray.init(
+                num_cpus=cfg.num_cpus or os.cpu_count(),
+                num_gpus=cfg.num_gpus if cfg.num_gpus is not None else torch.cuda.device_count(),
+                object_store_memory=cfg.object_store_memory,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+        import ray.data  # noqa: F401 - it configures its loggers on first import: quiet them after that
+
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     else:
         ray.init(address=cfg.address, log_to_driver=False, logging_level=logging.WARNING)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+_RAY_START_NOTES = ("Set ray log level from environment variable",)
+
+
+@contextmanager
+def _stderr_without(notes: tuple[str, ...]) -> Iterator[None]:
+    """Hold back what this process writes to file descriptor 2 (C++ code included) while the block runs,
+    then pass it on without the lines that contain one of `notes`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not any(note in line for note in notes)))

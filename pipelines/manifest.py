@@ -3,9 +3,10 @@
 A manifest is JSONL or CSV with columns `id`, `video`, `question` (optional when captioning), and
 optionally `answer`, `start`, `end` (seconds) and `category` (the question's type, for scores per
 category). A JSONL manifest may give a multiple-choice question its `options` (a list of texts, shown
-lettered A, B, ...); its `answer` is then the correct letter (or the correct option's text). Every problem
-in the file is reported at once, with its line number, before any work starts. Published benchmarks are
-read as they ship by `pipelines.datasets`, into the same `Question`s.
+lettered A, B, ...); its `answer` is then the correct letter (or the correct option's text). Any other
+column (the user's own metadata) passes through to the output rows untouched. Every problem in the file
+is reported at once, with its line number, before any work starts. Published benchmarks are read as they
+ship by `pipelines.datasets`, into the same `Question`s.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.sink import OUTPUT_COLUMNS
 from stages.answer import LETTERS
 
 KNOWN_COLUMNS = {"id", "video", "question", "answer", "start", "end", "category", "options"}
@@ -36,6 +38,7 @@ class Question:
     category: str | None = None  # the set's question type, task or duration group
     options: tuple[str, ...] | None = None  # multiple choice: the option texts, lettered A, B, ... in order
     error: str | None = None  # why this question cannot be asked (e.g. its video is missing): an error row
+    extra: dict = field(default_factory=dict, compare=False)  # the manifest's other columns, passed on
 
 
 @dataclass
@@ -69,9 +72,9 @@ def read_manifest(path: str | Path, video_root: str | Path | None = None, requir
         if isinstance(record, str):
             problems.append(f"{where}: {record}")
             continue
-        unknown = set(record) - KNOWN_COLUMNS
-        if unknown:
-            problems.append(f"{where}: unknown column(s) {', '.join(sorted(unknown))}")
+        reserved = sorted((set(record) - KNOWN_COLUMNS) & set(OUTPUT_COLUMNS))
+        if reserved:
+            problems.append(f"{where}: column(s) {', '.join(reserved)} are the job's own output columns")
         qid = _text(record.get("id"))
         video = _text(record.get("video"))
         question = _text(record.get("question"))
@@ -103,8 +106,9 @@ def read_manifest(path: str | Path, video_root: str | Path | None = None, requir
         video_path = Path(video).expanduser()
         if not video_path.is_absolute():
             video_path = root / video_path
+        extra = {k: v for k, v in record.items() if k not in KNOWN_COLUMNS}
         questions.append(Question(qid, str(video_path), question, answer, start, end,
-                                  _text(record.get("category")), options))
+                                  _text(record.get("category")), options, extra=extra))
     if not records:
         problems.append(f"{path}: no rows")
     if problems:

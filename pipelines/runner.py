@@ -89,7 +89,7 @@ def question_fields(question: Question) -> dict:
     its `error`)."""
     return {"id": question.id, "video": question.video, "question": question.question,
             "answer": question.answer, "category": question.category,
-            "options": None if question.options is None else list(question.options)}
+            "options": None if question.options is None else list(question.options), **question.extra}
 
 
 def _per_answer(values: Any, n: int) -> list:

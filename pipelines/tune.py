@@ -54,6 +54,7 @@ from stages.columns import errors_of
 from stages.decode import DecodeStage
 from stages.encode import EncodeStage
 from stages.model import load_model
+from visionzip.video_llava import tokens_per_frame
 
 log = logging.getLogger(__name__)
 STATE = "tune_state.pt"
@@ -62,7 +63,7 @@ STATE = "tune_state.pt"
 def run_tune(job: TuneJobConfig) -> dict:
     """Tune the projector as `job.tune` says; returns the summary written to OUT/tune.json, less the loss
     of every step."""
-    check(tune_problems(job, prepare_model(job.model)))
+    check(tune_problems(job, tokens_per_frame(prepare_model(job.model))))
     cfg = job.tune
     out = Path(cfg.out)
     questions = read_questions(job.data)

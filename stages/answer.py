@@ -27,7 +27,7 @@ from transformers import (
     VideoLlavaForConditionalGeneration,
 )
 
-from stages.columns import errors_of
+from stages.columns import RowErrors
 from stages.model import ModelConfig, load_model
 
 PROMPT = "USER: <video>\n{question} ASSISTANT:"
@@ -48,7 +48,8 @@ _COLUMNS = {
 
 @dataclass
 class Answer:
-    """One generated answer. Times are those of the batched `generate` call the answer was part of."""
+    """One generated answer. Its times are its share of the batched `generate` call it was part of (the
+    call's time divided by its prompts)."""
 
     text: str
     token_ids: list[int]  # the generated tokens, EOS included when generated
@@ -71,9 +72,10 @@ class GenerateConfig:
     def problems(self) -> list[str]:
         found = [f"{key}={getattr(self, key)} must be >= 1" for key in ("max_new_tokens", "batch_size")
                  if getattr(self, key) < 1]
-        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
-            found.append(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {self.temperature}, "
-                         f"{self.top_p})")
+        if not self.temperature > 0:
+            found.append(f"temperature={self.temperature} must be > 0")
+        if not 0 < self.top_p <= 1:
+            found.append(f"top_p={self.top_p} must be in (0, 1]")
         return found
 
 
@@ -239,6 +241,7 @@ class AnswerStage:
             logits_processor=LogitsProcessorList([timer]),
         )
         end = time.perf_counter()
+        share = len(questions)  # each answer carries its share of the batched call's times
         prefill = timer.first - start
         eos = self.tokenizer.eos_token_id
         answers = []
@@ -250,8 +253,8 @@ class AnswerStage:
                     token_ids=tokens[:generated],
                     prompt_tokens=int(inputs["attention_mask"][row].sum()),
                     generated_tokens=generated,
-                    prefill_seconds=prefill,
-                    llm_decode_seconds=end - timer.first,
+                    prefill_seconds=prefill / share,
+                    llm_decode_seconds=(end - timer.first) / share,
                 )
             )
         return answers
@@ -262,20 +265,20 @@ class AnswerStage:
         `predictions`, `prompt_tokens`, `generated_tokens`, `prefill_seconds`, `llm_decode_seconds`;
         `visual_embeds` is dropped.
 
-        For `caption` each row gets one caption (repeated for every entry of `questions` when that
-        column is present). Rows with an upstream `error` get None in the new columns.
+        For `caption` each row (a clip) gets one caption, asked with `caption_prompt`. Rows with an
+        upstream `error` get None in the new columns.
         A failed generation never fails the batch: the batch is retried one video at a time and a video
         that still fails gets None and its `error`. Other columns pass through.
         """
         embeds = list(batch["visual_embeds"])
-        errors = errors_of(batch, len(embeds))
+        errors = RowErrors(batch, len(embeds))
         if self.task == "qa" and "questions" not in batch:
             raise ValueError(f"task 'qa' needs a 'questions' column, got columns {sorted(batch)}")
         if self.task == "qa":
             asked = [list(q) for q in batch["questions"]]
         else:
             asked = [[self.caption_prompt] for _ in embeds]
-        rows = [row for row, visual in enumerate(embeds) if errors[row] is None and visual is not None]
+        rows = [row for row, visual in enumerate(embeds) if errors.ok(row) and visual is not None]
         per_row: dict[int, list[Answer]] = {}
         try:
             per_row = self._answer_rows(rows, embeds, asked)
@@ -284,17 +287,14 @@ class AnswerStage:
                 try:
                     per_row.update(self._answer_rows([row], embeds, asked))
                 except Exception as err:  # noqa: BLE001 - one video's failure becomes its error
-                    errors[row] = f"answer: {type(err).__name__}: {err}"
-        if self.task == "caption" and "questions" in batch:
-            per_row = {row: answers * len(batch["questions"][row]) for row, answers in per_row.items()}
+                    errors.fail(row, f"answer: {type(err).__name__}: {err}")
         out = {key: value for key, value in batch.items() if key != "visual_embeds"}
         for column, attribute in _COLUMNS.items():
             out[column] = [
                 [getattr(a, attribute) for a in per_row[row]] if row in per_row else None
                 for row in range(len(embeds))
             ]
-        out["error"] = errors
-        return out
+        return {**out, **errors.columns()}
 
     def _answer_rows(
         self, rows: list[int], embeds: list, asked: list[list[str]]

@@ -6,6 +6,8 @@ Ray Data stores a missing value as an Arrow null, which reaches a numpy-format b
 
 from __future__ import annotations
 
+import traceback
+
 import numpy as np
 
 
@@ -19,3 +21,25 @@ def errors_of(batch: dict, rows: int) -> list[str | None]:
     if column is None:
         return [None] * rows
     return [None if is_missing(e) or e == "" else str(e) for e in column]
+
+
+class RowErrors:
+    """A batch's `error` and `error_traceback` columns as a stage keeps them: rows that arrived failed keep
+    their message and traceback; `fail`, called while an exception is handled, records a new failure with
+    the full traceback (which the job writes to `<stem>.errors.log`)."""
+
+    def __init__(self, batch: dict, rows: int) -> None:
+        self.messages = errors_of(batch, rows)
+        column = batch.get("error_traceback")
+        self.tracebacks = [None if column is None or is_missing(t) else str(t)
+                           for t in (column if column is not None else [None] * rows)]
+
+    def ok(self, row: int) -> bool:
+        return self.messages[row] is None
+
+    def fail(self, row: int, message: str) -> None:
+        self.messages[row] = message
+        self.tracebacks[row] = traceback.format_exc()
+
+    def columns(self) -> dict[str, list[str | None]]:
+        return {"error": self.messages, "error_traceback": self.tracebacks}

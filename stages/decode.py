@@ -55,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.columns import is_missing
+from stages.columns import RowErrors, is_missing
 
 BACKENDS = {"pyav": "stages.decode_pyav:PyAVReader", "decord": "stages.decode_decord:DecordReader"}
 DEFAULT_BACKEND = "pyav"  # faster for sparse requests on long videos: see bench/results/decode.json
@@ -199,8 +199,10 @@ def request_problems(
         problems.append(f"num_frames={num_frames} must be >= 1")
     if strategy == "fps" and (fps is None or not fps > 0):
         problems.append(f"fps={fps}: strategy 'fps' needs fps > 0")
-    if strategy == "fps" and max_frames < 1:
+    if max_frames < 1:
         problems.append(f"max_frames={max_frames} must be >= 1")
+    if strategy != "fps" and fps is not None and not fps > 0:
+        problems.append(f"fps={fps} must be > 0 or None")
     if strategy == "indices":
         if indices is None or len(indices) == 0:
             problems.append("indices: strategy 'indices' needs a non-empty `indices`")
@@ -336,7 +338,8 @@ class DecodeStage:
     def __call__(self, batch: dict[str, np.ndarray | list]) -> dict:
         videos = list(batch["video"])
         starts, ends = batch.get("start"), batch.get("end")
-        out: dict[str, list] = {"frames": [], "frame_indices": [], "timestamps": [], "error": []}
+        out: dict[str, list] = {"frames": [], "frame_indices": [], "timestamps": []}
+        errors = RowErrors({}, len(videos))
         seconds = np.zeros(len(videos), dtype=np.float64)
         for row, video in enumerate(videos):
             t0 = time.perf_counter()
@@ -350,12 +353,11 @@ class DecodeStage:
                 out["frames"].append(got.frames)
                 out["frame_indices"].append(got.indices)
                 out["timestamps"].append(got.timestamps)
-                out["error"].append(None)
             except Exception as e:  # noqa: BLE001 - any failure of one video becomes its error row
                 message = str(e) if isinstance(e, DecodeError) else f"{video}: {type(e).__name__}: {e}"
+                errors.fail(row, message)
                 out["frames"].append(np.empty((0, 0, 0, 3), np.uint8))
                 out["frame_indices"].append(np.empty(0, np.int64))
                 out["timestamps"].append(np.empty(0, np.float64))
-                out["error"].append(message)
             seconds[row] = time.perf_counter() - t0
-        return {**batch, **out, "decode_seconds": seconds}
+        return {**batch, **out, **errors.columns(), "decode_seconds": seconds}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from transformers import VideoLlavaForConditionalGeneration
 
-from stages.columns import errors_of
+from stages.columns import RowErrors
 from stages.model import ModelConfig, load_model
 from stages.preprocess import ClipPreprocess, check_frames
 from visionzip import merge_frames
@@ -77,8 +78,9 @@ class CompressionConfig:
                     pool_grid(keep - 1, math.isqrt(tokens_per_frame - 1))
                 except ValueError as err:
                     found.append(f"method=pool: {err}")
-        if not math.isfinite(self.temporal.threshold):
-            found.append(f"temporal.threshold={self.temporal.threshold} must be a finite number")
+        threshold = self.temporal.threshold
+        if not -1 <= threshold <= 1:  # a cosine similarity; NaN fails too
+            found.append(f"temporal.threshold={threshold} must be in [-1, 1] (a cosine similarity)")
         if self.temporal.max_tokens is not None and self.temporal.max_tokens < 1:
             found.append(f"temporal.max_tokens={self.temporal.max_tokens} must be >= 1 or null")
         return found
@@ -152,9 +154,14 @@ class EncodeStage:
         device, dtype = self.model.device, self.model.dtype
         pixels = torch.cat([self.preprocess(frames, device, dtype) for frames in videos])
         c = self.compression
+        # the random control draws each frame's patches from a seed of its own pixels: the same video gives
+        # the same tokens whatever batch or runner it goes through
+        seeds = [zlib.crc32(np.ascontiguousarray(frame).tobytes()) for frames in videos for frame in frames]
+        size = self.frame_batch_size
         tokens = torch.cat([
-            frame_tokens(self.model, chunk, method=c.method, dominant=c.dominant, contextual=c.contextual)
-            for chunk in pixels.split(self.frame_batch_size)
+            frame_tokens(self.model, chunk, method=c.method, dominant=c.dominant, contextual=c.contextual,
+                         seed=seeds[start : start + size])
+            for start, chunk in zip(range(0, len(pixels), size), pixels.split(size), strict=True)
         ])  # fmt: skip
         return [self._merge(per_video) for per_video in tokens.split([len(frames) for frames in videos])]
 
@@ -178,14 +185,14 @@ class EncodeStage:
         columns pass through.
         """
         rows = len(batch["frames"])
-        errors = errors_of(batch, rows)
+        errors = RowErrors(batch, rows)
         todo = []
         for i, frames in enumerate(batch["frames"]):
-            if errors[i] is None:
+            if errors.ok(i):
                 try:
                     todo.append((i, check_frames(frames, "frames")))
                 except ValueError as err:
-                    errors[i] = f"encode: {err}"
+                    errors.fail(i, f"encode: {err}")
         done: dict[int, EncodedVideo] = {}
         try:
             done = dict(zip([i for i, _ in todo], self.encode([frames for _, frames in todo]), strict=True))
@@ -194,7 +201,7 @@ class EncodeStage:
                 try:
                     done[i] = self.encode([frames])[0]
                 except Exception as err:  # noqa: BLE001 - one video's failure becomes its error
-                    errors[i] = f"encode: {type(err).__name__}: {err}"
+                    errors.fail(i, f"encode: {type(err).__name__}: {err}")
         hidden = self.model.config.text_config.hidden_size
         out = {key: value for key, value in batch.items() if key != "frames"}
         out["visual_embeds"] = [
@@ -203,5 +210,4 @@ class EncodeStage:
         ]
         for key in ("visual_tokens_full", "visual_tokens_after_zip", "visual_tokens_kept", "encode_seconds"):
             out[key] = [getattr(done[i], key) if i in done else None for i in range(rows)]
-        out["error"] = errors
-        return out
+        return {**out, **errors.columns()}

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import (
@@ -73,6 +76,9 @@ def read_model_config(path: str | os.PathLike = DEFAULT_MODEL) -> VideoLlavaConf
         raise ModelLoadError(f"model path {where!r} is neither an existing folder nor a hub id ('org/name')")
     if local.is_dir():
         where = str(local)
+    elif not _in_hub_cache(where) and not _hub_reachable():
+        raise ModelLoadError(f"cannot load a model config from {where!r}: it is not in the local Hugging "
+                             f"Face cache and the hub ({constants.ENDPOINT}) cannot be reached from here")
     try:
         config = AutoConfig.from_pretrained(where)
     except (OSError, ValueError) as err:
@@ -82,6 +88,27 @@ def read_model_config(path: str | os.PathLike = DEFAULT_MODEL) -> VideoLlavaConf
             f"{where!r} is a {config.model_type!r} checkpoint, not Video-LLaVA (model_type 'video_llava')"
         )
     return config
+
+
+def _in_hub_cache(hub_id: str) -> bool:
+    try:
+        AutoConfig.from_pretrained(hub_id, local_files_only=True)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the hub's host takes a connection (in seconds, where the hub client would spend half a
+    minute retrying). Behind a proxy the client's own attempt decides."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def load_model(config: ModelConfig, keep: Literal["all", "vision", "language"] = "all"

@@ -2,7 +2,8 @@
 
 Training reads clips in memory (`synthqa.clips`), but answer quality is measured through the whole job,
 decoding included, so held-out sets are written as real H.264 files. Manifest rows have
-`id = "<clip>-<type>"`, so `pipelines.evaluate` can score per question type.
+`id = "<clip>-<type>"` and `category = <type>`, so scores per question type (`pipelines.score`) come from
+the column.
 
     python -m synthqa.dataset .cache/synth/val500 --set val500
 """
@@ -44,7 +45,8 @@ def write_frames(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 
 def write_dataset(folder: str | Path, seed: int, clips: int) -> Path:
     """Write `clips` mp4 files and `manifest.jsonl` with one question of every type per clip.
 
-    Manifest rows: `id` (`"<clip>-<type>"`), `video` (relative to the manifest), `question`, `answer`.
+    Manifest rows: `id` (`"<clip>-<type>"`), `video` (relative to the manifest), `question`, `answer`,
+    `category` (the question type, for scores per type).
     Returns the manifest's path.
     """
     if clips < 1:
@@ -57,7 +59,8 @@ def write_dataset(folder: str | Path, seed: int, clips: int) -> Path:
         name = f"clip_{index:05d}.mp4"
         write_frames(folder / name, sample.clip.frames)
         rows += [
-            {"id": f"{index:05d}-{q.type}", "video": name, "question": q.question, "answer": q.answer}
+            {"id": f"{index:05d}-{q.type}", "video": name, "question": q.question, "answer": q.answer,
+             "category": q.type}
             for q in sample.questions
         ]
     return write_jsonl(folder / "manifest.jsonl", rows)

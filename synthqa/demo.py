@@ -12,17 +12,17 @@ completes. The batch job itself knows nothing of this: to it the demo is a manif
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from pipelines.cli import exit_if_failed, plain_errors
 from pipelines.config import register, to_job_config
-from pipelines.evaluate import evaluate, format_table, read_rows
 from pipelines.files import read_jsonl, write_jsonl
 from pipelines.job import run_job
+from pipelines.score import format_table, read_rows, score_rows
+from pipelines.summary import format_summary
 from synthqa.dataset import write_dataset
 from synthqa.sample_videos import write_truncated
 
@@ -42,28 +42,33 @@ def write_demo_data(manifest: str | Path, clips: int = DEMO_CLIPS, broken_video:
     if broken_video:
         broken = write_truncated(folder / rows[0]["video"], folder / "broken.mp4", keep=0.5)
         rows.append({"id": "broken-color", "video": broken.name, "question": rows[0]["question"],
-                     "answer": rows[0]["answer"]})
+                     "answer": rows[0]["answer"], "category": rows[0]["category"]})
     return write_jsonl(manifest, rows)
 
 
 def print_rows(output: str | Path) -> None:
-    """Each row's prediction beside its ground truth, then accuracy per question type."""
+    """Each row's prediction beside its ground truth (an error row: its error), then the scores per
+    question type, error rows counted apart from wrong answers."""
     rows = read_rows(output)
     for row in rows:
-        truth = f"{row['prediction']!r:>10} (truth {row['answer']!r})"
-        result = f"ERROR {row['error']}" if row["error"] else truth
-        print(f"{row['id']:>14}  {row['visual_tokens_kept']} of {row['visual_tokens_full']} visual tokens  "
-              f"{row['question']!r:<48} -> {result}")
-    print(format_table(evaluate(rows)))
+        if row["error"]:
+            print(f"{row['id']:>14}  {row['question']!r:<48} -> ERROR {row['error']}")
+        else:
+            tokens = f"{row['visual_tokens_kept']} of {row['visual_tokens_full']} visual tokens"
+            print(f"{row['id']:>14}  {tokens}  {row['question']!r:<48} -> "
+                  f"{row['prediction']!r:>10} (truth {row['answer']!r})")
+    print(format_table(score_rows(rows, metric="exact")))
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> dict:
-    job = to_job_config(cfg)
-    write_demo_data(job.data.manifest)
-    summary = run_job(job)
+    with plain_errors():
+        job = to_job_config(cfg)
+        write_demo_data(job.data.manifest)
+        summary = run_job(job)
     print_rows(summary["output"])
-    logging.getLogger("vzpipe").info("summary:\n%s", json.dumps(summary, indent=2))
+    print(format_summary(summary))
+    exit_if_failed(summary)
     return summary
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase, VideoLlavaForConditionalGeneration
 
-from pipelines.evaluate import evaluate
 from pipelines.files import write_json
+from pipelines.score import score_rows
 from stages.answer import AnswerConfig, AnswerStage, GenerateConfig
 from stages.encode import CompressionConfig, EncodeStage
 from stages.model import ModelConfig, load_model
@@ -32,7 +32,7 @@ def quick_accuracy(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrai
                    ) -> dict[str, float]:
     """First-token greedy accuracy per question type on in-memory clips, through the answer stage's own
     prompt building (`AnswerStage.build_inputs`, left-padded batches): a training-time signal; the real
-    measurement decodes mp4 files through the pipeline and scores with `pipelines.evaluate`."""
+    measurement decodes mp4 files through the pipeline and scores with `pipelines.score`."""
     model.eval()
     answer = AnswerStage(model, tokenizer)  # its prompt building only: no generation
     hits: dict[str, list[bool]] = {t: [] for t in QUESTION_TYPES}
@@ -55,7 +55,7 @@ def fixed_set_accuracy(folder: str | Path, seed: int = FIXED_SET[0], clips: int 
                        compression: CompressionConfig = FULL,
                        projector_path: str | Path | None = None) -> dict:
     """Load a checkpoint (with a tuned projector, if given) and answer `clips` in-memory clips x 5
-    questions through the encode and answer stages (greedy), scored by `pipelines.evaluate`: what the
+    questions through the encode and answer stages (greedy), scored by `pipelines.score` (exact): what the
     shipped model records in its `metrics.json` (full tokens) and its test checks."""
     model_config = ModelConfig(path=str(folder), dtype="float32", device="cpu",
                                projector_path=None if projector_path is None else str(projector_path))
@@ -68,9 +68,9 @@ def fixed_set_accuracy(folder: str | Path, seed: int = FIXED_SET[0], clips: int 
     for i, (sample, video) in enumerate(zip(samples, encoded, strict=True)):
         questions = [q.question for q in sample.questions]
         replies = answerer.answer([video.embeds] * len(questions), questions)
-        rows += [{"id": f"{i:05d}-{q.type}", "prediction": r.text, "answer": q.answer}
-                 for q, r in zip(sample.questions, replies, strict=True)]  # fmt: skip
-    return evaluate(rows)
+        rows += [{"id": f"{i:05d}-{q.type}", "video": f"{i:05d}", "category": q.type, "prediction": r.text,
+                  "answer": q.answer} for q, r in zip(sample.questions, replies, strict=True)]  # fmt: skip
+    return score_rows(rows, metric="exact")
 
 
 def write_metrics(folder: str | Path) -> dict:
@@ -78,6 +78,6 @@ def write_metrics(folder: str | Path) -> dict:
     result = fixed_set_accuracy(folder)
     metrics = {"fixed_set": {"seed": FIXED_SET[0], "clips": FIXED_SET[1], "compression": "none",
                              "correct": result["overall"]["correct"], "n": result["overall"]["n"],
-                             "per_type_correct": {t: g["correct"] for t, g in result["types"].items()}}}
+                             "per_type_correct": {t: g["correct"] for t, g in result["by_category"].items()}}}
     write_json(Path(folder) / "metrics.json", metrics)
     return metrics

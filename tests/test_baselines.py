@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,3 +88,20 @@ def test_compression_groups_compose_and_validate(group, tmp_path):
                       f"output.path={tmp_path}/o.jsonl")
     assert job.compression.method in COMPRESSION_METHODS
     assert job.compression.dominant + job.compression.contextual == 17
+
+
+def test_random_control_draws_each_frame_from_its_own_pixels(tiny):
+    # a video's random patches must not depend on its slot in a batch or on how frames are chunked
+    # (nor, so, on runner=local vs ray): each frame is drawn from a seed of its own pixels
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    random_control = CompressionConfig(method="random", dominant=4, contextual=1)
+    alone = EncodeStage(tiny[0], compression=random_control).compressed_tokens([videos[2]])[0]
+    batched = EncodeStage(tiny[0], compression=random_control, frame_batch_size=4)
+    in_a_batch = batched.compressed_tokens(videos)[2]  # frames 6..8: split over two tower chunks
+    torch.testing.assert_close(in_a_batch, alone, atol=1e-5, rtol=1e-5)
+    # frames are drawn apart: the same pixels in two frames give the same draw, others another
+    index = random_patch_index(3, 65, 5, seed=[7, 7, 8])
+    assert torch.equal(index[0], index[1]) and not torch.equal(index[0], index[2])
+    with pytest.raises(ValueError, match="got 2 seeds for 3 frames"):
+        random_patch_index(3, 65, 5, seed=[1, 2])

@@ -51,7 +51,7 @@ def test_every_problem_is_reported_with_its_line_number(tmp_path):
         {"id": "d", "video": "v.mp4", "question": "q", "start": "soon"},
         {"id": "e", "video": "v.mp4", "question": "q", "start": 3, "end": 1},
         {"id": "f", "video": "v.mp4"},
-        {"id": "g", "video": "v.mp4", "question": "q", "colour": "red"},
+        {"id": "g", "video": "v.mp4", "question": "q", "prediction": "red"},
         [1, 2],
     ])
     with pytest.raises(ManifestError) as err:
@@ -65,7 +65,7 @@ def test_every_problem_is_reported_with_its_line_number(tmp_path):
         "m.jsonl:5: start='soon' is not a number of seconds",
         "m.jsonl:6: end=1.0 is not after start=3.0",
         "m.jsonl:7: missing question",
-        "m.jsonl:8: unknown column(s) colour",
+        "m.jsonl:8: column(s) prediction are the job's own output columns",
         "m.jsonl:9: a JSON object is expected",
     ]:
         assert expected in message
@@ -112,3 +112,10 @@ def test_multiple_choice_rows_carry_options_category_and_the_answer_letter(tmp_p
         f"  {bad}:2: answer 'C' is neither one of the letters A, B nor an option's text",
         f"  {bad}:3: options must be a list of 2 to 10 texts, got 'a|b'",
     ]
+
+
+def test_the_users_own_columns_pass_through(tmp_path):
+    manifest = write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "a", "video": "v.mp4", "question": "q", "source": "shot 3", "difficulty": 2}])
+    (q,) = read_manifest(manifest)
+    assert q.extra == {"source": "shot 3", "difficulty": 2}

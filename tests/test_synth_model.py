@@ -21,7 +21,7 @@ def test_shipped_checkpoint_is_small_and_answers_its_fixed_set_as_recorded(name:
     recorded = json.loads((model / "metrics.json").read_text())["fixed_set"]
     result = fixed_set_accuracy(model, recorded["seed"], recorded["clips"])
     assert result["overall"]["n"] == recorded["n"] == 5 * recorded["clips"]
-    assert {t: g["correct"] for t, g in result["types"].items()} == recorded["per_type_correct"]
+    assert {t: g["correct"] for t, g in result["by_category"].items()} == recorded["per_type_correct"]
     assert result["overall"]["correct"] == recorded["correct"]
     assert recorded["correct"] >= 0.5 * recorded["n"]  # far above chance (about 1/3): the model learned
 
@@ -37,6 +37,6 @@ def test_the_shipped_tuned_projector_wins_back_what_visionzip_costs_the_full_tok
     projector = model / "projector-visionzip-5.safetensors"
     tuned = fixed_set_accuracy(model, compression=zipped, projector_path=projector)
     assert untuned["overall"]["correct"] <= full - 4
-    assert untuned["types"]["direction"]["correct"] <= 6
+    assert untuned["by_category"]["direction"]["correct"] <= 6
     assert tuned["overall"]["correct"] >= full - 1
-    assert tuned["types"]["direction"]["correct"] >= 9
+    assert tuned["by_category"]["direction"]["correct"] >= 9

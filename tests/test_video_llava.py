@@ -226,10 +226,10 @@ def test_batch_of_three_equals_three_single_runs(tiny):
     assert len({tuple(a.token_ids) for a in singles}) > 1  # the inputs matter, so the check can fail
     for answer in batched:
         assert 1 <= answer.generated_tokens == len(answer.token_ids) <= 10
-    # the times are the one batched `generate` call's, split at the first token's logits
+    # each answer's share of the one batched `generate` call, split at the first token's logits
     assert len({(a.prefill_seconds, a.llm_decode_seconds) for a in batched}) == 1
     assert 0 < batched[0].prefill_seconds and 0 < batched[0].llm_decode_seconds
-    assert batched[0].prefill_seconds + batched[0].llm_decode_seconds <= wall
+    assert sum(a.prefill_seconds + a.llm_decode_seconds for a in batched) <= wall
 
 
 def test_encode_once_answer_many_through_the_batch_callables(tiny):
@@ -266,9 +266,9 @@ def test_qa_and_caption_prompts(tiny):
     caption = AnswerStage(model, tokenizer,
                           config=answering("caption", "Describe this scene.", max_new_tokens=6))
     qa = AnswerStage(model, tokenizer, config=answering("qa", max_new_tokens=6))
-    as_caption = caption({"visual_embeds": [embeds], "questions": [[None, None]]})
+    as_caption = caption({"visual_embeds": [embeds], "questions": [["never asked"]]})
     as_question = qa.answer([embeds], ["Describe this scene."])[0]
-    assert as_caption["predictions"] == [[as_question.text] * 2]
+    assert as_caption["predictions"] == [[as_question.text]]  # one caption a clip, with its own prompt
     text_tokens = (
         len(tokenizer(PROMPT.format(question="Describe this scene.")).input_ids) - 1
     )  # minus <video>

@@ -13,6 +13,7 @@ order) and return [B, keep, D] with CLS first.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,18 +26,26 @@ def _check(features: torch.Tensor, keep: int) -> None:
         raise ValueError(f"keep must be in 1..{features.shape[1]} (the tokens of a frame), got {keep}")
 
 
-def random_patch_index(batch: int, n: int, keep: int, seed: int = 0,
+def random_patch_index(batch: int, n: int, keep: int, seed: int | Sequence[int] = 0,
                        device: torch.device | str = "cpu") -> torch.Tensor:
-    """[batch, keep] ascending positions: 0 (CLS) and `keep - 1` distinct patches per row, drawn from a
-    generator seeded with `seed` (same batch, same draw; each row its own draw)."""
-    generator = torch.Generator().manual_seed(seed)
-    patches = torch.rand(batch, n - 1, generator=generator).argsort(dim=1)[:, : keep - 1] + 1
+    """[batch, keep] ascending positions: 0 (CLS) and `keep - 1` distinct patches per row. One `seed`
+    draws the whole batch from one generator (same batch, same draw); a seed per row draws each row
+    from its own, so a frame's patches do not depend on which batch, or which slot, it came in."""
+    if isinstance(seed, int):
+        scores = torch.rand(batch, n - 1, generator=torch.Generator().manual_seed(seed))
+    else:
+        if len(seed) != batch:
+            raise ValueError(f"got {len(seed)} seeds for {batch} frames")
+        scores = torch.stack([torch.rand(n - 1, generator=torch.Generator().manual_seed(int(row_seed)))
+                              for row_seed in seed])
+    patches = scores.argsort(dim=1)[:, : keep - 1] + 1
     index = torch.cat([torch.zeros(batch, 1, dtype=torch.long), patches], dim=1)
     return index.sort(dim=1).values.to(device)
 
 
-def random_tokens(features: torch.Tensor, keep: int, seed: int = 0) -> torch.Tensor:
-    """CLS + `keep - 1` random patches per frame, in raster order: [B, keep, D]."""
+def random_tokens(features: torch.Tensor, keep: int, seed: int | Sequence[int] = 0) -> torch.Tensor:
+    """CLS + `keep - 1` random patches per frame, in raster order: [B, keep, D] (`seed` as in
+    `random_patch_index`)."""
     _check(features, keep)
     batch, n, _ = features.shape
     index = random_patch_index(batch, n, keep, seed, features.device)

@@ -9,6 +9,7 @@ the paper, and the projector runs on the short sequence only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -44,7 +45,7 @@ def frame_tokens(
     method: CompressionMethod = "none",
     dominant: int = 14,
     contextual: int = 3,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
 ) -> torch.Tensor:
     """Each frame's visual tokens before the projector, all or the ones a compression `method` keeps:
     [F, K, vision_hidden].
@@ -53,8 +54,8 @@ def frame_tokens(
     `none` is HF's path exactly (K = 257, CLS first). `visionzip` keeps `dominant` (CLS included) +
     `contextual` tokens per frame (K = dominant + contextual), selected at the same layer, and skips the
     tower's layers after it. The baselines keep the same K = dominant + contextual from the same layer:
-    `random` (CLS + random patches, seeded with `seed`) and `pool` (CLS + average-pooled patch grid), see
-    `visionzip.baselines`.
+    `random` (CLS + random patches, seeded with `seed`: one for all frames or one per frame) and `pool`
+    (CLS + average-pooled patch grid), see `visionzip.baselines`.
     """
     tower = model.model.video_tower
     layer = feature_layer(model)
