@@ -50,7 +50,7 @@ def format_summary(summary: dict) -> str:
     run = summary["this_run"]
     seconds = ", ".join(f"{stage} {run['stage_seconds'][stage]:.1f} s" for stage in STAGES)
     kept, full = summary["visual_tokens_kept_mean"], summary["visual_tokens_full_mean"]
-    tokens = "-" if kept is None else f"{kept:g} of {full:g} per question's clip kept"
+    tokens = "-" if kept is None else f"{kept:g} of {full:g} kept per clip (mean over answered questions)"
     lines = [
         ("output", f"{summary['output']}: {summary['rows']} rows, {summary['ok']} answered, "
                    f"{summary['error']} errors"),

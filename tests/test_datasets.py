@@ -16,6 +16,7 @@ from pipelines.config import compose_job
 from pipelines.datasets import DataConfig, VideoIndex, read_questions
 from pipelines.job import run_job
 from pipelines.manifest import ManifestError, read_manifest
+from pipelines.score import score_file
 from stages.decode import read_frames
 from synthqa.clips import synth_sample
 from synthqa.formats import FORMATS, KINDS, write_gif, write_published
@@ -111,6 +112,23 @@ def test_the_job_answers_each_set_as_its_twin_manifest(published, tmp_path):
             else:  # multiple choice: the texts and the correct letter; the category is the set's own
                 assert isinstance(row["options"], list) and row["answer"] in "ABCDE"[: len(row["options"])]
                 assert (row["category"] is None) == (name == "egoschema")
+    # each set's scores, as the job wrote them at its end, against an independent count of its rows
+    for name in published:
+        output = tmp_path / f"{name}.out.jsonl"
+        rows = list(read_rows(output).values())
+        if name == "videollava":  # the field judges these with an LLM: not scored without a judge
+            assert not (tmp_path / f"{name}.out.scores.json").exists()
+            scores = score_file(output, metric="exact")
+            right = [r["error"] is None and r["prediction"].strip().lower() == r["answer"] for r in rows]
+        else:
+            scores = json.loads((tmp_path / f"{name}.out.scores.json").read_text())
+            right = [r["prediction"].strip().lower() in (r["answer"].lower(),
+                                                         r["options"][ord(r["answer"]) - 65].lower())
+                     for r in rows]  # fmt: skip
+        assert scores["metric"] == ("exact" if name == "videollava" else "choice"), name
+        overall = scores["overall"]
+        assert (overall["n"], overall["correct"], overall["errors"]) == (
+            len(rows), sum(right), sum(r["error"] is not None for r in rows)), name
     rows = read_rows(tmp_path / "videollava.out.jsonl")
     assert "not found" in rows["gone"]["error"] and rows["gone"]["prediction"] is None
     assert "ambiguous" in rows["dup"]["error"] and "dup.gif" in rows["dup"]["error"]
