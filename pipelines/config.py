@@ -35,9 +35,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class StageResources:
+    """One stage's actors (see `pipelines.runner.placement` for what null resolves to)."""
+
     num_cpus: float = 1.0
-    num_gpus: float | None = 0.0  # None: one per actor when the cluster has GPUs
-    pool_size: int = 1
+    num_gpus: float | None = 0.0  # None: encode and answer share each GPU by their model halves' sizes
+    pool_size: int | None = 1  # None: from the cluster (decode: the spare CPUs; answer: one per GPU)
     batch_size: int = 4
 
 
@@ -178,7 +180,7 @@ def job_problems(job: JobConfig, tokens_per_frame: int | None = None) -> list[st
         r: StageResources = getattr(job.resources, name)
         if r.num_cpus < 0 or (r.num_gpus or 0) < 0:
             problems.append(f"resources.{name}: num_cpus and num_gpus must be >= 0")
-        if r.pool_size < 1 or r.batch_size < 1:
+        if (r.pool_size is not None and r.pool_size < 1) or r.batch_size < 1:
             problems.append(f"resources.{name}: pool_size and batch_size must be >= 1")
     if job.resources.frame_batch_size < 1:
         problems.append(f"resources.frame_batch_size={job.resources.frame_batch_size} must be >= 1")

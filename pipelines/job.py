@@ -29,6 +29,7 @@ from pipelines.runner import item_rows, question_fields, question_rows, run_loca
 from pipelines.score import score_file
 from pipelines.sink import OutputSink
 from pipelines.summary import STAGES, summarize, write_summary
+from pipelines.timeline import stage_timeline, write_gantt
 from stages.model import ModelConfig, ModelLoadError, read_model_config
 from stages.testing import build_tiny_video_llava
 from visionzip.video_llava import tokens_per_frame
@@ -58,6 +59,8 @@ def run_job(job: JobConfig) -> dict:
     rows = item_rows(group_by_video(list(askable.values())), job.pipeline.choice_prompt)
     written: list[dict] = []
     stage_seconds = dict.fromkeys(STAGES, 0.0)
+    intervals: dict[str, set[tuple[float, float]]] = {stage: set() for stage in STAGES}
+    job_start = time.time()
     start = time.perf_counter()
     with ray_session(job) if rows and job.runner == "ray" else nullcontext(), \
             _Progress(len(askable)) as progress:
@@ -73,6 +76,10 @@ def run_job(job: JobConfig) -> dict:
             for stage in ("decode", "encode"):  # the clip's, once
                 stage_seconds[stage] += (new[0][f"{stage}_seconds"] or 0.0) if new else 0.0
             stage_seconds["answer"] += sum(r["answer_seconds"] or 0.0 for r in new)  # each answer's share
+            for stage in STAGES:
+                span = video_row.get(f"{stage}_interval")
+                if span is not None and len(span) == 2:
+                    intervals[stage].add((float(span[0]), float(span[1])))
             progress.update(len(new))
 
         if rows:
@@ -83,6 +90,9 @@ def run_job(job: JobConfig) -> dict:
     summary["output"] = str(sink.path)
     summary["scores"] = score_output(job, sink)
     summary["failed"] = failure(summary, job.max_error_fraction)
+    summary["timeline"] = stage_timeline(intervals, job_start)
+    if any(intervals.values()):
+        summary["timeline_plots"] = [str(p) for p in write_gantt(intervals, job_start, sink.path)]
     summary["summary"] = str(write_summary(summary, sink.path))
     return summary
 

@@ -8,9 +8,11 @@ encoding and answering of different videos overlap.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,9 @@ from stages.answer import CHOICE_PROMPT, AnswerStage, question_text
 from stages.columns import is_missing
 from stages.decode import DecodeStage
 from stages.encode import EncodeStage
-from stages.model import load_model
+from stages.model import ModelConfig, half_parameters, load_model, read_model_config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,34 +125,93 @@ def run_local(job: JobConfig, rows: list[dict], on_video: Callable[[dict], None]
     """The stages in this process, one batch of videos after another; the model is loaded once and
     shared by encode and answer."""
     model, tokenizer = load_model(job.model)
-    decode = DecodeStage(job.decode)
-    encode = EncodeStage(model, compression=job.compression, frame_batch_size=job.resources.frame_batch_size)
-    answer = AnswerStage(model, tokenizer, config=job.pipeline)
+    stages = [("decode", DecodeStage(job.decode)),
+              ("encode", EncodeStage(model, compression=job.compression,
+                                     frame_batch_size=job.resources.frame_batch_size)),
+              ("answer", AnswerStage(model, tokenizer, config=job.pipeline))]
     for batch in batches_of(rows, job.resources.decode.batch_size):
-        out = answer(encode(decode(batch)))
-        for i in range(len(out["video"])):
-            on_video({key: values[i] for key, values in out.items()})
+        for name, stage in stages:
+            batch = timed_call(stage, name, batch)
+        for i in range(len(batch["video"])):
+            on_video({key: values[i] for key, values in batch.items()})
 
 
 def run_ray(job: JobConfig, rows: list[dict], on_video: Callable[[dict], None]) -> None:
-    """The stages as Ray Data actor pools over a streaming dataset (Ray must be initialised)."""
+    """The stages as Ray Data actor pools over a streaming dataset (Ray must be initialised), placed as
+    `placement` says for this cluster."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     DataContext.get_current().enable_progress_bars = False  # the driver shows its own progress
-    has_gpus = ray.cluster_resources().get("GPU", 0) >= 1
+    cluster = ray.cluster_resources()
+    placed = placement(job, gpus=int(cluster.get("GPU", 0)), cpus=cluster.get("CPU", 1.0))
+    log.info("placement: %s", ", ".join(f"{name} {r.pool_size} x (cpu {r.num_cpus:g}, gpu {r.num_gpus:g})"
+                                        for name, r in placed.items()))
     blocks = max(1, math.ceil(len(rows) / job.resources.decode.batch_size))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     for spec in stage_specs(job):
-        res = spec.resources
-        num_gpus = res.num_gpus if res.num_gpus is not None else (1 if has_gpus else 0)
+        res = placed[spec.name]
         ds = ds.map_batches(
-            spec.cls,
+            timed(spec.cls, spec.name),
             fn_constructor_kwargs=spec.kwargs,
             batch_size=res.batch_size,
             compute=ActorPoolStrategy(size=res.pool_size),
             num_cpus=res.num_cpus,
-            num_gpus=num_gpus,
+            num_gpus=res.num_gpus,
         )
     for video_row in ds.iter_rows():
         on_video(video_row)
+
+
+def placement(job: JobConfig, gpus: int, cpus: float) -> dict[str, StageResources]:
+    """Each stage's actors and their resources on a cluster of `gpus` GPUs and `cpus` CPUs; what the config
+    sets is kept, `num_gpus: null` and `pool_size: null` are resolved here:
+
+    - no GPU: nothing asks for one; one encode and one answer actor.
+    - GPUs: encode and answer share a GPU, each asking the fraction of it that its half of the model takes
+      (`gpu_shares`: for the 7B, encode 0.1 and answer 0.9), so both run at once on a one-GPU box instead
+      of one after the other; one encode actor, and one answer actor per GPU (the LLM is where time goes).
+    - decode: as many actors as the CPUs left over allow (at least 1, at most 8).
+    """
+    r = job.resources
+    shares = gpu_shares(job.model) if gpus else {"encode": 0.0, "answer": 0.0}
+    placed = {}
+    for name in ("encode", "answer"):
+        res: StageResources = getattr(r, name)
+        auto_pool = max(1, gpus) if name == "answer" else 1
+        placed[name] = replace(res, num_gpus=shares[name] if res.num_gpus is None else res.num_gpus,
+                               pool_size=res.pool_size or auto_pool)
+    spare = cpus - sum(p.num_cpus * p.pool_size for p in placed.values())
+    auto_decode = int(min(8, max(1, spare // max(r.decode.num_cpus, 0.01))))
+    decode = replace(r.decode, num_gpus=r.decode.num_gpus or 0.0, pool_size=r.decode.pool_size or auto_decode)
+    return {"decode": decode, **placed}
+
+
+def gpu_shares(model: ModelConfig) -> dict[str, float]:
+    """The fractions of one GPU the encode and answer actors ask for: each half's share of the model's
+    parameters (counted from its config, nothing loaded), encode's rounded up to a twentieth and kept
+    within [0.1, 0.5], answer the rest."""
+    halves = half_parameters(read_model_config(model.path))
+    share = halves["vision"] / (halves["vision"] + halves["language"])
+    encode = min(0.5, max(0.1, math.ceil(share * 20) / 20))
+    return {"encode": encode, "answer": round(1.0 - encode, 2)}
+
+
+def timed(cls: type, name: str) -> type:
+    """`cls` whose calls also record when each batch ran (`timed_call`), under the same class name, so
+    Ray's actors keep theirs."""
+
+    def __call__(self, batch: dict) -> dict:  # noqa: N807 - the stage's own call, timed
+        return timed_call(super(subclass, self).__call__, name, batch)
+
+    subclass = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+    return subclass
+
+
+def timed_call(stage: Callable[[dict], dict], name: str, batch: dict) -> dict:
+    """`stage(batch)` with column `<name>_interval`: [start, end] wall-clock seconds of the whole batch,
+    on every row (the job's timeline)."""
+    start = time.time()
+    out = stage(batch)
+    interval = np.array([start, time.time()])
+    return {**out, f"{name}_interval": [interval] * len(out["video"])}

@@ -63,6 +63,9 @@ def format_summary(summary: dict) -> str:
         overall = scores["overall"]
         lines.append(("scores", f"{scores['metric']}: accuracy {overall['accuracy']:.1%} of {overall['n']} "
                                 f"({overall['errors']} errors) -> {scores['path']}"))
+    for stage, span in summary.get("timeline", {}).items():
+        lines.append((f"{stage} ran", f"{span['first_start']:.1f}-{span['last_end']:.1f} s from the start, "
+                                      f"busy {span['busy']:.1f} s in {span['batches']} batches"))
     if summary.get("failed"):
         lines.append(("FAILED", summary["failed"]))
     return "\n".join(f"{name:>13}  {text}" for name, text in lines)

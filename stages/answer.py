@@ -27,7 +27,7 @@ from transformers import (
     VideoLlavaForConditionalGeneration,
 )
 
-from stages.columns import RowErrors
+from stages.columns import RowErrors, from_column
 from stages.model import ModelConfig, load_model
 
 PROMPT = "USER: <video>\n{question} ASSISTANT:"
@@ -270,7 +270,8 @@ class AnswerStage:
         A failed generation never fails the batch: the batch is retried one video at a time and a video
         that still fails gets None and its `error`. Other columns pass through.
         """
-        embeds = list(batch["visual_embeds"])
+        dtypes = batch.get("visual_embeds_dtype", [None] * len(batch["visual_embeds"]))
+        embeds = [from_column(e, dtype) for e, dtype in zip(batch["visual_embeds"], dtypes, strict=True)]
         errors = RowErrors(batch, len(embeds))
         if self.task == "qa" and "questions" not in batch:
             raise ValueError(f"task 'qa' needs a 'questions' column, got columns {sorted(batch)}")
@@ -288,7 +289,7 @@ class AnswerStage:
                     per_row.update(self._answer_rows([row], embeds, asked))
                 except Exception as err:  # noqa: BLE001 - one video's failure becomes its error
                     errors.fail(row, f"answer: {type(err).__name__}: {err}")
-        out = {key: value for key, value in batch.items() if key != "visual_embeds"}
+        out = {k: v for k, v in batch.items() if k not in ("visual_embeds", "visual_embeds_dtype")}
         for column, attribute in _COLUMNS.items():
             out[column] = [
                 [getattr(a, attribute) for a in per_row[row]] if row in per_row else None

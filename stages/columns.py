@@ -9,6 +9,7 @@ from __future__ import annotations
 import traceback
 
 import numpy as np
+import torch
 
 
 def is_missing(value: object) -> bool:
@@ -43,3 +44,18 @@ class RowErrors:
 
     def columns(self) -> dict[str, list[str | None]]:
         return {"error": self.messages, "error_traceback": self.tracebacks}
+
+
+def to_column(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A tensor as a numpy array for a batch column, in its own dtype and bits: bfloat16, which numpy
+    lacks, travels as its int16 bit pattern. Returns (array, dtype name) for `from_column`."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy(), "bfloat16"
+    return tensor.numpy(), str(tensor.dtype).removeprefix("torch.")
+
+
+def from_column(array: np.ndarray | torch.Tensor, dtype: str | None) -> torch.Tensor:
+    """The tensor `to_column` made (`dtype` None: the array's own)."""
+    tensor = torch.as_tensor(np.asarray(array))
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor

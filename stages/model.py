@@ -5,6 +5,7 @@ Tiny random checkpoints for tests and demos are built by `stages.testing` and lo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -14,8 +15,9 @@ from typing import Literal
 from urllib.parse import urlparse
 
 import torch
-from huggingface_hub import constants
-from safetensors import SafetensorError
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
@@ -132,27 +134,126 @@ def load_video_llava(
     bf16 is the default on CPU too: fp16 matmuls are slow on CPUs and fp32 doubles the memory (the 7B
     model needs 13.7 GiB in bf16). The config is read first (`read_model_config`).
 
-    `keep` drops what a stage never runs before the model moves to its device: `vision` keeps the video
-    tower and the projector (the encoder: ~0.6 GiB of the 7B instead of 13.7), `language` keeps the LLM (the
-    answerer). Separate encode and answer actors then do not hold two whole models on a GPU.
+    `keep` loads only what a stage runs: `vision` reads just the video tower's and the projector's tensors
+    from the checkpoint's safetensors (the encoder: ~0.6 GiB of the 7B instead of 13.7; from the hub only
+    the shards that hold them are fetched), `language` just the LLM's (the answerer); the other half is
+    never read. `all` is transformers' own `from_pretrained`.
     """
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     if keep not in ("all", "vision", "language"):
         raise ValueError(f"keep must be 'all', 'vision' or 'language', got {keep!r}")
     config = read_model_config(path)
     where = str(Path(str(path)).expanduser()) if Path(str(path)).expanduser().is_dir() else str(path)
-    model = VideoLlavaForConditionalGeneration.from_pretrained(
-        where, config=config, dtype=torch_dtype, attn_implementation="sdpa"
-    )
-    if keep == "vision":
-        model.model.language_model = model.lm_head = model.model.image_tower = None
-    elif keep == "language":
-        model.model.video_tower = model.model.image_tower = model.model.multi_modal_projector = None
+    if keep == "all":
+        model = VideoLlavaForConditionalGeneration.from_pretrained(
+            where, config=config, dtype=torch_dtype, attn_implementation="sdpa"
+        )
+    else:
+        model = _load_half(where, config, keep, torch_dtype)
     model = model.to(torch_device)
     tokenizer = AutoTokenizer.from_pretrained(where)
     if tokenizer.pad_token_id is None:  # left-padded batches need one; EOS never reaches the LM unmasked
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+# The tensors each half runs, by their names in a checkpoint saved by transformers 5.
+HALVES = {"vision": ("model.video_tower.", "model.multi_modal_projector."),
+          "language": ("model.language_model.", "lm_head.")}
+# How checkpoints name them on disk: transformers 5 still saves Video-LLaVA under its old names, and
+# LanguageBind/Video-LLaVA-7B-hf (saved before) also keeps CLIP's `vision_model.` level.
+_LEGACY_PREFIXES = (("language_model.lm_head.", "lm_head."),
+                    ("language_model.model.", "model.language_model."),
+                    ("video_tower.vision_model.", "model.video_tower."),
+                    ("image_tower.vision_model.", "model.image_tower."),
+                    ("video_tower.", "model.video_tower."), ("image_tower.", "model.image_tower."),
+                    ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def half_parameters(config: VideoLlavaConfig) -> dict[str, int]:
+    """Parameters of each half (`HALVES`), counted on a model built without memory from its config."""
+    with torch.device("meta"):
+        model = VideoLlavaForConditionalGeneration(config)
+    counts = dict.fromkeys(HALVES, 0)
+    for name, parameter in model.named_parameters():
+        for half, prefixes in HALVES.items():
+            counts[half] += parameter.numel() if name.startswith(prefixes) else 0
+    return counts
+
+
+def current_name(name: str) -> str:
+    """A checkpoint tensor's name as transformers 5 names it."""
+    for old, new in _LEGACY_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def checkpoint_tensors(where: str, keep: Literal["vision", "language"] | None = None
+                       ) -> dict[str, tuple[Path, str]]:
+    """{name: (safetensors file, name stored in it)} of a checkpoint's tensors (only `keep`'s half when
+    given). A sharded checkpoint is read through its index, and from the hub only the shards that hold
+    the wanted tensors are fetched."""
+    def fetch(filename: str) -> Path | None:
+        if Path(where).is_dir():
+            return Path(where) / filename if (Path(where) / filename).is_file() else None
+        try:
+            return Path(hf_hub_download(where, filename))
+        except EntryNotFoundError:
+            return None
+
+    wanted = (lambda name: True) if keep is None else (lambda name: name.startswith(HALVES[keep]))
+    index = fetch("model.safetensors.index.json")
+    if index is not None:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        stored = {current_name(name): (shard, name) for name, shard in weight_map.items()}
+        stored = {name: pair for name, pair in stored.items() if wanted(name)}
+        files = {shard: fetch(shard) for shard in {shard for shard, _ in stored.values()}}
+        return {name: (files[shard], original) for name, (shard, original) in stored.items()}
+    single = fetch("model.safetensors")
+    if single is None:
+        raise ModelLoadError(f"{where!r} has no model.safetensors(.index.json): only safetensors checkpoints "
+                             "can be loaded a half at a time")
+    with safe_open(str(single), "pt") as f:
+        return {current_name(n): (single, n) for n in f.keys() if wanted(current_name(n))}
+
+
+def _load_half(where: str, config: VideoLlavaConfig, keep: Literal["vision", "language"],
+               dtype: torch.dtype) -> VideoLlavaForConditionalGeneration:
+    """The model with only `keep`'s modules, built without memory (meta device) and filled with that
+    half's tensors alone, read from the safetensors files; the few buffers that are not in a checkpoint
+    (position ids, rotary frequencies) computed as their modules compute them."""
+    for sub in (config, config.vision_config, config.text_config):
+        sub._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = VideoLlavaForConditionalGeneration(config)
+    model.model.image_tower = None
+    if keep == "vision":
+        model.model.language_model = model.lm_head = None
+    else:
+        model.model.video_tower = model.model.multi_modal_projector = None
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, (file, stored) in checkpoint_tensors(where, keep).items():
+        by_file.setdefault(file, []).append((name, stored))
+    state: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        with safe_open(str(file), "pt") as f:
+            state.update({name: f.get_tensor(stored).to(dtype) for name, stored in names})
+    model.load_state_dict(state, strict=False, assign=True)
+    if keep == "language" and config.text_config.tie_word_embeddings and "lm_head.weight" not in state:
+        model.lm_head.weight = model.model.language_model.embed_tokens.weight
+    for module in model.modules():  # buffers a checkpoint does not hold: computed anew
+        meta = [name for name, buffer in module.named_buffers(recurse=False) if buffer.is_meta]
+        if meta:
+            fresh = type(module)(module.config)
+            for name in meta:
+                module.register_buffer(name, getattr(fresh, name), persistent=False)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ModelLoadError(f"{where!r}: the checkpoint has no tensors for {', '.join(left[:5])}"
+                             f"{' ...' if len(left) > 5 else ''} ({len(left)} missing for the {keep} half)")
+    model.name_or_path = where
+    return model
 
 
 def load_projector(model: VideoLlavaForConditionalGeneration, path: str | os.PathLike) -> None:

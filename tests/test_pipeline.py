@@ -72,7 +72,7 @@ def test_config_defaults_groups_and_overrides():
                    "decode.num_frames=16", "pipeline=caption", "ray=cluster", "ray.address=10.0.0.1:6379")
     assert job.compression.temporal.enabled and job.compression.dominant == 30
     assert (job.decode.backend, job.decode.num_frames, job.pipeline.task) == ("decord", 16, "caption")
-    assert job.ray.address == "10.0.0.1:6379" and job.resources.decode.pool_size == 4
+    assert job.ray.address == "10.0.0.1:6379" and job.resources.decode.pool_size is None  # from the cluster
     assert composed("compression=none").compression.method == "none"
     from pipelines.runner import stage_specs
 
