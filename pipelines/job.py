@@ -25,7 +25,15 @@ from transformers import PretrainedConfig
 from pipelines.config import JobConfig, check, job_problems
 from pipelines.datasets import DataConfig, read_questions
 from pipelines.manifest import Question, group_by_video
-from pipelines.runner import item_rows, question_fields, question_rows, run_local, run_ray
+from pipelines.runner import (
+    conversation_history,
+    item_rows,
+    question_fields,
+    question_rows,
+    run_local,
+    run_ray,
+    unanswerable_turns,
+)
 from pipelines.score import score_file
 from pipelines.sink import OutputSink
 from pipelines.summary import STAGES, summarize, write_summary
@@ -48,7 +56,8 @@ def run_job(job: JobConfig) -> dict:
         questions = one_per_clip(questions, job.pipeline.caption_prompt)
     sink = OutputSink(job.output.path, overwrite=job.output.overwrite, retry_errors=job.output.retry_errors,
                       fingerprint=job_fingerprint(job, model_config))
-    pending = [q for q in questions if q.id not in sink.done_ids]
+    history = conversation_history(questions, sink.rows, job.pipeline.choice_prompt)  # earlier turns' answers
+    pending = unanswerable_turns([q for q in questions if q.id not in sink.done_ids], history)
     log.info("%d questions in %s, %d already answered in %s%s", len(questions), job.data.describe(),
              len(questions) - len(pending), sink.path,
              f" ({sink.retried} error rows to retry)" if sink.retried else "")
@@ -56,7 +65,7 @@ def run_job(job: JobConfig) -> dict:
         sink.write({**question_fields(question), "error": question.error})
         sink.log_error([question.id], question.video, question.error, None)
     askable = {q.id: q for q in pending if q.error is None}
-    rows = item_rows(group_by_video(list(askable.values())), job.pipeline.choice_prompt)
+    rows = item_rows(group_by_video(list(askable.values())), job.pipeline.choice_prompt, history)
     written: list[dict] = []
     stage_seconds = dict.fromkeys(STAGES, 0.0)
     intervals: dict[str, set[tuple[float, float]]] = {stage: set() for stage in STAGES}
@@ -155,15 +164,19 @@ def prepare_model(model: ModelConfig) -> PretrainedConfig:
 def job_fingerprint(job: JobConfig, model_config: PretrainedConfig) -> dict:
     """What determines a job's answers: the model (its config's digest and dtype), the tuned projector's
     digest, compression, decoding, prompts and generation, and the data files' digests. Resources (batch
-    sizes, devices, pools, threads) are left out: they change speed, not answers."""
-    generation = {k: v for k, v in asdict(job.pipeline.generation).items() if k != "batch_size"}
+    sizes, devices, pools, threads, prefix reuse, vLLM's memory settings) are left out: they change speed,
+    not answers."""
+    # how answers are computed, not what they are: batching, prefix reuse (exact), the engine's resources
+    generation = {k: v for k, v in asdict(job.pipeline.generation).items()
+                  if k not in ("batch_size", "reuse_prefix")}
+    answering = {k: v for k, v in asdict(job.pipeline).items() if k != "vllm"}
     return {
         "model": {"path": job.model.path, "dtype": job.model.dtype,
                   "config_sha256": _digest(json.dumps(model_config.to_dict(), sort_keys=True).encode()),
                   "projector": _file_digest(job.model.projector_path)},
         "compression": asdict(job.compression),
         "decode": {k: v for k, v in asdict(job.decode).items() if k != "threads"},
-        "pipeline": {**asdict(job.pipeline), "generation": generation},
+        "pipeline": {**answering, "generation": generation},
         "data": _data_fingerprint(job.data),
     }
 

@@ -3,10 +3,12 @@
 A manifest is JSONL or CSV with columns `id`, `video`, `question` (optional when captioning), and
 optionally `answer`, `start`, `end` (seconds) and `category` (the question's type, for scores per
 category). A JSONL manifest may give a multiple-choice question its `options` (a list of texts, shown
-lettered A, B, ...); its `answer` is then the correct letter (or the correct option's text). Any other
-column (the user's own metadata) passes through to the output rows untouched. Every problem in the file
-is reported at once, with its line number, before any work starts. Published benchmarks are read as they
-ship by `pipelines.datasets`, into the same `Question`s.
+lettered A, B, ...); its `answer` is then the correct letter (or the correct option's text). Rows that
+share a `conversation` id are the turns of one multi-turn conversation about one clip, numbered by `turn`
+(1, 2, ... without gaps): each turn is asked after the earlier ones, with the model's own answers to them
+in its prompt. Any other column (the user's own metadata) passes through to the output rows untouched.
+Every problem in the file is reported at once, with its line number, before any work starts. Published
+benchmarks are read as they ship by `pipelines.datasets`, into the same `Question`s.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pathlib import Path
 from pipelines.sink import OUTPUT_COLUMNS
 from stages.answer import LETTERS
 
-KNOWN_COLUMNS = {"id", "video", "question", "answer", "start", "end", "category", "options"}
+KNOWN_COLUMNS = {"id", "video", "question", "answer", "start", "end", "category", "options", "conversation",
+                 "turn"}
 
 
 class ManifestError(ValueError):
@@ -39,6 +42,8 @@ class Question:
     options: tuple[str, ...] | None = None  # multiple choice: the option texts, lettered A, B, ... in order
     error: str | None = None  # why this question cannot be asked (e.g. its video is missing): an error row
     extra: dict = field(default_factory=dict, compare=False)  # the manifest's other columns, passed on
+    conversation: str | None = None  # a multi-turn conversation's id: its rows are the turns ...
+    turn: int | None = None  # ... numbered 1..n, asked in that order
 
 
 @dataclass
@@ -67,6 +72,7 @@ def read_manifest(path: str | Path, video_root: str | Path | None = None, requir
     problems: list[str] = []
     questions: list[Question] = []
     first_line: dict[str, int] = {}
+    turns: dict[str, list[tuple[int, int, tuple]]] = {}  # conversation -> (turn, line, clip)
     for line, record in records:
         where = f"{path}:{line}"
         if isinstance(record, str):
@@ -101,14 +107,23 @@ def read_manifest(path: str | Path, video_root: str | Path | None = None, requir
         except ValueError as err:
             problems.append(f"{where}: {err}")
             continue
+        try:
+            conversation, turn = _conversation(record.get("conversation"), record.get("turn"))
+        except ValueError as err:
+            problems.append(f"{where}: {err}")
+            continue
         if qid is None or video is None:
             continue
         video_path = Path(video).expanduser()
         if not video_path.is_absolute():
             video_path = root / video_path
+        if conversation is not None:
+            turns.setdefault(conversation, []).append((turn, line, (str(video_path), start, end)))
         extra = {k: v for k, v in record.items() if k not in KNOWN_COLUMNS}
         questions.append(Question(qid, str(video_path), question, answer, start, end,
-                                  _text(record.get("category")), options, extra=extra))
+                                  _text(record.get("category")), options, extra=extra,
+                                  conversation=conversation, turn=turn))
+    problems += [f"{path}: {problem}" for problem in conversation_problems(turns)]
     if not records:
         problems.append(f"{path}: no rows")
     if problems:
@@ -135,6 +150,45 @@ def choice_options(options: object, answer: str | None) -> tuple[tuple[str, ...]
         return texts, letters[texts.index(answer)]
     raise ValueError(f"answer {answer!r} is neither one of the letters {', '.join(letters)} nor an option's "
                      "text")
+
+
+def _conversation(conversation: object, turn: object) -> tuple[str | None, int | None]:
+    """A row's (conversation id, turn): both or neither; the turn a whole number >= 1."""
+    name = _text(conversation)
+    if turn is None or turn == "":
+        if name is not None:
+            raise ValueError(f"conversation {name!r} needs a turn (1, 2, ...)")
+        return None, None
+    try:
+        number = float(turn)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(turn, bool) or not math.isfinite(number) or number != int(number) or number < 1:
+        raise ValueError(f"turn={turn!r} must be a whole number >= 1")
+    if name is None:
+        raise ValueError(f"turn={turn!r} needs a conversation id")
+    return name, int(number)
+
+
+def conversation_problems(turns: dict[str, list[tuple[int, int, tuple]]]) -> list[str]:
+    """Each conversation's turns must be 1..n without gaps or repeats, all about one clip (video, start,
+    end). `turns`: conversation -> [(turn, line, clip)]."""
+    problems = []
+    for name, rows in turns.items():
+        numbers = sorted(turn for turn, _, _ in rows)
+        lines = ", ".join(str(line) for _, line, _ in sorted(rows))
+        repeated = sorted({n for n in numbers if numbers.count(n) > 1})
+        if repeated:
+            problems.append(f"conversation {name!r} has turn {repeated[0]} more than once (lines {lines})")
+        elif numbers != list(range(1, len(numbers) + 1)):
+            problems.append(f"conversation {name!r} has turns {numbers}: they must be 1..{len(numbers)} "
+                            f"without gaps (lines {lines})")
+        clips = {clip for _, _, clip in rows}
+        if len(clips) > 1:
+            shown = "; ".join(f"{video} [{start}, {end}]" for video, start, end in sorted(clips, key=str))
+            problems.append(f"conversation {name!r} is about more than one clip ({shown}; lines {lines}): a "
+                            "conversation has one video")
+    return problems
 
 
 def group_by_video(questions: list[Question]) -> list[VideoItem]:

@@ -8,6 +8,7 @@ encoding and answering of different videos overlap.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -47,10 +48,17 @@ def stage_specs(job: JobConfig) -> list[StageSpec]:
     ]
 
 
-def item_rows(items: list[VideoItem], choice_prompt: str = CHOICE_PROMPT) -> list[dict]:
+def item_rows(items: list[VideoItem], choice_prompt: str = CHOICE_PROMPT,
+              history: dict[str, dict[int, tuple[str, str | None]]] | None = None) -> list[dict]:
     """One row per clip, carrying its question ids and the text each asks (decoded and encoded once for
-    all of them; a multiple-choice question is asked with its lettered options)."""
-    return [
+    all of them; a multiple-choice question is asked with its lettered options).
+
+    When any question belongs to a conversation, every row also carries `conversations` and `turns` (per
+    question: its conversation's id and turn, "" and 0 for none) and `history`: JSON of the turns of its
+    conversations answered before this run ({conversation: {turn: [question as asked, answer]}}, from
+    `history`, see `conversation_history`), which the answer stage puts in the prompts of the later turns.
+    """
+    rows = [
         {
             "video": item.video,
             "start": item.start,
@@ -61,6 +69,45 @@ def item_rows(items: list[VideoItem], choice_prompt: str = CHOICE_PROMPT) -> lis
         }
         for item in items
     ]
+    if any(q.conversation is not None for item in items for q in item.questions):
+        history = history or {}
+        for row, item in zip(rows, items, strict=True):
+            names = [q.conversation or "" for q in item.questions]
+            row["conversations"] = names
+            row["turns"] = [q.turn or 0 for q in item.questions]
+            row["history"] = json.dumps({name: {str(turn): list(pair) for turn, pair in history[name].items()}
+                                         for name in sorted(set(names)) if name and history.get(name)})
+    return rows
+
+
+def conversation_history(questions: list[Question], rows: list[dict], choice_prompt: str = CHOICE_PROMPT
+                         ) -> dict[str, dict[int, tuple[str, str | None]]]:
+    """The turns of each conversation that the output already holds (`rows`, matched by id):
+    {conversation: {turn: (question as asked, its prediction; None for an error row)}}."""
+    done = {str(row["id"]): row for row in rows}
+    history: dict[str, dict[int, tuple[str, str | None]]] = {}
+    for q in questions:
+        if q.conversation is not None and q.id in done and q.question is not None:
+            prediction = done[q.id].get("prediction")
+            answer = None if done[q.id].get("error") or prediction is None else str(prediction)
+            asked = question_text(q.question, q.options, choice_prompt)
+            history.setdefault(q.conversation, {})[q.turn] = (asked, answer)
+    return history
+
+
+def unanswerable_turns(pending: list[Question], history: dict[str, dict[int, tuple[str, str | None]]]
+                       ) -> list[Question]:
+    """`pending` with an `error` on each turn that follows a recorded turn without an answer (an error row
+    kept by `output.retry_errors=false`): its prompt would need that answer."""
+    out = []
+    for q in pending:
+        missing = [turn for turn, (_, answer) in sorted(history.get(q.conversation or "", {}).items())
+                   if turn < (q.turn or 0) and answer is None]
+        if missing and q.error is None:
+            q = replace(q, error=f"conversation {q.conversation!r}: turn {missing[0]} is an error row, and "
+                                 f"turn {q.turn} needs its answer (rerun with output.retry_errors=true)")
+        out.append(q)
+    return out
 
 
 def question_rows(video_row: dict, questions: dict[str, Question]) -> Iterator[dict]:
@@ -91,9 +138,11 @@ def question_rows(video_row: dict, questions: dict[str, Question]) -> Iterator[d
 def question_fields(question: Question) -> dict:
     """The columns of an output row that come from the question itself (an error row has only these and
     its `error`)."""
+    turn = ({} if question.conversation is None
+            else {"conversation": question.conversation, "turn": question.turn})
     return {"id": question.id, "video": question.video, "question": question.question,
             "answer": question.answer, "category": question.category,
-            "options": None if question.options is None else list(question.options), **question.extra}
+            "options": None if question.options is None else list(question.options), **turn, **question.extra}
 
 
 def _per_answer(values: Any, n: int) -> list:
@@ -170,15 +219,18 @@ def placement(job: JobConfig, gpus: int, cpus: float) -> dict[str, StageResource
     - no GPU: nothing asks for one; one encode and one answer actor.
     - GPUs: encode and answer share a GPU, each asking the fraction of it that its half of the model takes
       (`gpu_shares`: for the 7B, encode 0.1 and answer 0.9), so both run at once on a one-GPU box instead
-      of one after the other; one encode actor, and one answer actor per GPU (the LLM is where time goes).
+      of one after the other; one encode actor, and one answer actor per GPU (the LLM is where time goes;
+      with `engine=vllm`, `pipeline.vllm.actors_per_gpu` of them, splitting answer's share).
     - decode: as many actors as the CPUs left over allow (at least 1, at most 8).
     """
     r = job.resources
     shares = gpu_shares(job.model) if gpus else {"encode": 0.0, "answer": 0.0}
+    per_gpu = job.pipeline.vllm.actors_per_gpu if job.pipeline.engine == "vllm" else 1
+    shares["answer"] = round(shares["answer"] / per_gpu, 4)
     placed = {}
     for name in ("encode", "answer"):
         res: StageResources = getattr(r, name)
-        auto_pool = max(1, gpus) if name == "answer" else 1
+        auto_pool = max(1, gpus) * per_gpu if name == "answer" else 1
         placed[name] = replace(res, num_gpus=shares[name] if res.num_gpus is None else res.num_gpus,
                                pool_size=res.pool_size or auto_pool)
     spare = cpus - sum(p.num_cpus * p.pool_size for p in placed.values())

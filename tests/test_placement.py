@@ -120,8 +120,8 @@ def test_bfloat16_embeddings_travel_between_stages_bit_exact(tiny_dir):
 def clips(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("clips")
     rows = []
-    for i in range(6):
-        write_video(root / f"v{i}.mp4", num_frames=12, width=96, height=64)
+    for i in range(12):
+        write_video(root / f"v{i}.mp4", num_frames=40, width=96, height=64)
         rows.append({"id": f"q{i}", "video": f"v{i}.mp4", "question": "What is it?"})
     (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root / "m.jsonl"
@@ -132,13 +132,22 @@ def test_jobs_finish_on_declared_gpus_and_overlap_on_one(tiny_dir, clips, tmp_pa
     job = compose_job(f"model.path={tiny_dir}", "model.dtype=float32", "model.device=cpu",
                       f"data.manifest={clips}", f"output.path={tmp_path / 'out.jsonl'}",
                       f"ray.num_gpus={gpus}",
-                      "ray.num_cpus=2", "decode.num_frames=2", "pipeline.generation.max_new_tokens=2",
+                      "ray.num_cpus=2", "decode.num_frames=64", "pipeline.generation.max_new_tokens=2",
                       "resources.decode.batch_size=1", "resources.encode.batch_size=1",
                       "resources.answer.batch_size=1")  # fmt: skip
     summary = run_job(job)
-    assert (summary["ok"], summary["error"]) == (6, 0)
+    assert (summary["ok"], summary["error"]) == (12, 0)
     timeline = summary["timeline"]
-    assert [timeline[s]["batches"] for s in ("decode", "encode", "answer")] == [6, 6, 6]
-    if gpus == 1:  # encode and answer share the GPU: answering starts while encoding goes on
-        assert timeline["answer"]["first_end"] < timeline["encode"]["last_start"]
+    assert [timeline[s]["batches"] for s in ("decode", "encode", "answer")] == [12, 12, 12]
+    if gpus == 1:  # encode and answer share the GPU: answering starts while encoding goes on (64 frames a
+        # video keep the encoder busy long enough to see it, whichever actor finishes loading first)
+        assert timeline["answer"]["first_end"] < timeline["encode"]["last_start"], timeline
     assert (tmp_path / "out.timeline.txt").read_text().count("#") >= 3
+
+
+def test_vllm_answer_actors_split_the_answer_share(tiny_dir):
+    job = job_for(tiny_dir, "pipeline.engine=vllm", "pipeline.vllm.actors_per_gpu=2")
+    shares = gpu_shares(job.model)
+    placed = placement(job, gpus=2, cpus=8)
+    assert placed["answer"].pool_size == 4 and placed["answer"].num_gpus == round(shares["answer"] / 2, 4)
+    assert placed["encode"].num_gpus + 2 * placed["answer"].num_gpus <= 1.0
