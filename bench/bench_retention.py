@@ -4,11 +4,23 @@ Every setting runs the whole job (decode the held-out mp4 files, encode, compres
 shipped synth model (`model=synth`, 65 tokens per frame) and the local runner, then
 `pipelines.score` scores it (exact match, per question type: the manifest's `category`). Settings: full
 tokens; VisionZip at 4 budgets per frame; at each budget the controls with the same token count (dominant
-only, random patches, pooled grid); VisionZip and full with temporal merging. Budget 5 of 65 (7.7%)
-stands for the paper's 136 of 2056 (6.6%): the nearest count whose pooled grid is square (2 x 2); budget
-4 (6.2%) is just below it.
+only, random patches, pooled grid); VisionZip and full with temporal merging (`--temporal-match` at
+`--temporal-threshold`). Budget 5 of 65 (7.7%) stands for the paper's 136 of 2056 (6.6%): the nearest
+count whose pooled grid is square (2 x 2); budget 4 (6.2%) is just below it.
 
     .venv/bin/python -m bench.bench_retention [--set val500|test2000] [--model models/synth]
+
+Temporal-merging rules side by side (`--temporal-sweep T ... --sweep-match M ...` for every rule M at every
+threshold T, and/or `--sweep-at M@T ...`; `--sweep-full`): rows `visionzip+M@T-5` (method `temporal_sweep`)
+and `full+M@T` (`temporal_sweep_full`). A rule is a `compression.temporal.match` (any, same, radius,
+prune), `+ctx` for `compression.temporal.fold_contextual=true`. `same` and `prune` make the
+same folding decisions, so at one threshold they keep exactly as many tokens: prune (vLLM's static-patch
+pruning) is position-aware merging's control at equal counts. Each sweep row at the paper's budget says
+whether it passes the README's rule (`passes_rule`: it costs VisionZip alone at that budget under 1 point
+overall and at most 3 points on any type); the rule picks the passing row with the fewest tokens, in
+every result file given (the shipped models share their tower, so a setting keeps the same tokens):
+
+    .venv/bin/python -m bench.bench_retention --choose bench/results/retention_val500*.json
 
 Prints the table, writes bench/results/retention.json and bench/results/retention.png (accuracy vs
 visual tokens, one line per method; matplotlib, the `bench` extra). `answer_s` is the mean over
@@ -41,28 +53,58 @@ MEASURABLE = 0.80  # a type the model answers at least this well with full token
 # The types whose answer is a property of one named object, i.e. of a few patches.
 LOCALISED = ("color", "shape", "direction", "half")
 METHODS = ("visionzip", "visionzip+temporal", "dominant_only", "random", "pool")
+# Temporal-merging rules: compression.temporal.match, "+ctx" = also compression.temporal.fold_contextual=true
+# (VisionZip's contextual tokens fold into their own slot of the previous frame; else they never fold).
+MATCHES = ("any", "same", "radius", "prune", "same+ctx", "radius+ctx", "prune+ctx")
+# The table's temporal rows: the rule and threshold picked on val500 (see the README), the defaults of
+# conf/compression/visionzip_temporal.yaml.
+TEMPORAL_MATCH, TEMPORAL_THRESHOLD = "same", 0.8
 
 
-def settings(threshold: float, sweep: list[float]) -> list[tuple[str, str, int, list[str]]]:
-    """(name, method, tokens per frame, Hydra overrides) for every row of the table: temporal merging at
-    `threshold`, and VisionZip + temporal merging at the paper's budget for each of `sweep` (rows
-    `visionzip+temporal@T-5`, method `temporal_sweep`, left out of the plot)."""
-    temporal = ["compression.temporal.enabled=true", f"compression.temporal.threshold={threshold}"]
+def temporal_args(threshold: float, rule: str) -> list[str]:
+    """The overrides of temporal merging by `rule` (one of MATCHES) at `threshold`."""
+    match, _, ctx = rule.partition("+")
+    fold_contextual = "true" if ctx == "ctx" else "false"
+    return ["compression.temporal.enabled=true", f"compression.temporal.threshold={threshold}",
+            f"compression.temporal.match={match}", f"compression.temporal.fold_contextual={fold_contextual}"]
+
+
+def settings(threshold: float, sweep: list[float], match: str = TEMPORAL_MATCH,
+             sweep_matches: list[str] | None = None, sweep_full: bool = False, sweep_at: list[str] = ()
+             ) -> list[tuple[str, str, int, list[str]]]:
+    """(name, method, tokens per frame, Hydra overrides) for every row of the table: temporal merging by
+    `match` at `threshold`, and VisionZip + temporal merging at the paper's budget for each rule of
+    `sweep_matches` (default: `match`) at each threshold of `sweep`, and for each `RULE@T` of `sweep_at`
+    (rows `visionzip+RULE@T-5`, method `temporal_sweep`), with `sweep_full` full tokens too (`full+RULE@T`,
+    `temporal_sweep_full`; not for the `+ctx` rules: full tokens have no contextual tokens)."""
     out = [("full", "full", 65, ["compression=none"]),
-           ("full+temporal", "full+temporal", 65, ["compression=none", *temporal])]
+           ("full+temporal", "full+temporal", 65, ["compression=none", *temporal_args(threshold, match)])]
     d, c = BUDGETS[PAPER_BUDGET]
     paper = ["compression=visionzip_temporal", f"compression.dominant={d}", f"compression.contextual={c}"]
-    out += [(f"visionzip+temporal@{t}-{PAPER_BUDGET}", "temporal_sweep", PAPER_BUDGET,
-             [*paper, f"compression.temporal.threshold={t}"]) for t in sweep]  # fmt: skip
+    pairs = [(m, t) for m in sweep_matches or [match] for t in sweep]
+    pairs += [(item.rsplit("@", 1)[0], float(item.rsplit("@", 1)[1])) for item in sweep_at]
+    for m, t in dict.fromkeys(pairs):
+        if m not in MATCHES:
+            raise ValueError(f"unknown temporal-merging rule {m!r}: one of {', '.join(MATCHES)}")
+        out.append((f"visionzip+{m}@{t}-{PAPER_BUDGET}", "temporal_sweep", PAPER_BUDGET,
+                    [*paper, *temporal_args(t, m)]))  # fmt: skip
+        if sweep_full and not m.endswith("+ctx"):
+            full = ["compression=none", *temporal_args(t, m)]
+            out.append((f"full+{m}@{t}", "temporal_sweep_full", 65, full))
     for k, (d, c) in BUDGETS.items():
         zip_args = [f"compression.dominant={d}", f"compression.contextual={c}"]
         groups = {"visionzip": zip_args, "visionzip+temporal": zip_args, "random": zip_args, "pool": zip_args,
                   "dominant_only": [f"compression.dominant={k}"]}  # fmt: skip
         for method, args in groups.items():
             group = method.replace("+temporal", "_temporal")
-            extra = [f"compression.temporal.threshold={threshold}"] if method == "visionzip+temporal" else []
+            extra = temporal_args(threshold, match) if method == "visionzip+temporal" else []
             out.append((f"{method}-{k}", method, k, [f"compression={group}", *args, *extra]))
     return out
+
+
+def override(overrides: list[str], key: str) -> str | None:
+    """The value `overrides` set for `key` (the last one), else None."""
+    return next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(f"{key}=")), None)
 
 
 def synth_job(overrides: list[str], manifest: Path, model: str) -> dict:
@@ -81,17 +123,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", choices=sorted(HELDOUT), default="val500")
     parser.add_argument("--model", default="models/synth")
     parser.add_argument("--only", nargs="*", default=None, help="run only these settings (names)")
-    parser.add_argument("--temporal-threshold", type=float, default=0.8,
+    parser.add_argument("--temporal-threshold", type=float, default=TEMPORAL_THRESHOLD,
                         help="cosine threshold of temporal merging in the table's temporal rows (default: "
-                             "picked for models/synth on val500, see the README)")
+                             "picked on val500, see the README)")
+    parser.add_argument("--temporal-match", choices=MATCHES, default=TEMPORAL_MATCH,
+                        help="compression.temporal.match of the table's temporal rows (default: picked on "
+                             "val500, see the README)")
     parser.add_argument("--temporal-sweep", type=float, nargs="*", default=[],
                         help="also VisionZip + temporal merging at the paper's budget at each of these")
+    parser.add_argument("--sweep-match", choices=MATCHES, nargs="*", default=None,
+                        help="the rules of the sweep (default: --temporal-match)")
+    parser.add_argument("--sweep-at", nargs="*", default=[], metavar="RULE@T",
+                        help="also these rules at these thresholds (e.g. any@0.85 same@0.7)")
+    parser.add_argument("--sweep-full", action="store_true", help="sweep full tokens + merging too")
     parser.add_argument("--name", default="retention", help="writes bench/results/NAME.json and NAME.png")
     parser.add_argument("--plot", type=Path, metavar="RESULT_JSON", default=None,
                         help="only redraw the chart of an existing result file (RESULT_JSON -> .png)")
+    parser.add_argument("--choose", type=Path, nargs="+", metavar="RESULT_JSON", default=None,
+                        help="only print the rule's pick over the sweeps of these result files")
     args = parser.parse_args(argv)
     if args.plot:
         print(f"written {plot(args.plot)}")
+        return
+    if args.choose:
+        pick = choose(args.choose)
+        print(f"the rule picks {pick['setting']}" if pick else "no setting passes the rule in every file")
         return
     seed, clips = HELDOUT[args.set]
     data = CACHE_DIR / "synth" / args.set
@@ -99,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     if not manifest.exists():
         write_dataset(data, seed, clips)
     rows = []
-    for name, method, per_frame, overrides in settings(args.temporal_threshold, args.temporal_sweep):
+    table = settings(args.temporal_threshold, args.temporal_sweep, args.temporal_match, args.sweep_match,
+                     args.sweep_full, args.sweep_at)
+    for name, method, per_frame, overrides in table:
         if args.only and name not in args.only:
             continue
         result = run_setting(overrides, manifest, data / "out" / f"{name}.jsonl", args.model)
@@ -110,8 +168,11 @@ def main(argv: list[str] | None = None) -> None:
         row["overall"] = result["overall"]["accuracy"]
         row["errors"] = result["overall"]["errors"]
         row["answer_s"] = result["answer_seconds_mean"]
-        row["threshold"] = next((float(o.split("=")[1]) for o in overrides
-                                 if o.startswith("compression.temporal.threshold=")), None)  # fmt: skip
+        threshold = override(overrides, "compression.temporal.threshold")
+        row["threshold"] = float(threshold) if threshold is not None else None
+        row["match"] = override(overrides, "compression.temporal.match")
+        if override(overrides, "compression.temporal.fold_contextual") == "true":
+            row["match"] += "+ctx"
         rows.append(row)
         print(f"{name}: {row['overall']:.3f}", file=sys.stderr, flush=True)
     by_name = {r["setting"]: r for r in rows}
@@ -128,8 +189,15 @@ def main(argv: list[str] | None = None) -> None:
         r["localised"] = sum(r[t] for t in localised) / len(localised) if localised else None
     columns = ["setting", "tokens_per_frame", "visual_tokens", *QUESTION_TYPES, "overall", "retention",
                "measurable", "retention_measurable"]
-    print_table(rows, [*columns, "threshold", "answer_s", "errors"])
+    paper = by_name.get(f"visionzip-{PAPER_BUDGET}")
+    for r in rows:
+        if r["method"] == "temporal_sweep" and paper:
+            r["passes_rule"] = passes_rule(r, paper)
+    print_table(rows, [*columns, "threshold", "match", "answer_s", "errors"])
     print(f"measurable types (>= {MEASURABLE:.0%} with full tokens): {measurable}")
+    if any(r.get("passes_rule") for r in rows):
+        pick = min((r for r in rows if r.get("passes_rule")), key=lambda r: r["visual_tokens"])
+        print(f"on this model alone the rule picks {pick['setting']}")
     ratios, goals = goals_of(by_name)
     coverage = objects_kept(args.model, seed, clips)
     ratios.update({f"objects_kept_{rule}_{PAPER_BUDGET}": share for rule, share in coverage.items()})
@@ -155,6 +223,7 @@ def objects_kept(model_path: str, seed: int, clips: int, chunk: int = 8) -> dict
 
     model, _ = load_video_llava(model_path, dtype="float32", device="cpu")
     tower, layer, (d, c) = model.model.video_tower, feature_layer(model), BUDGETS[PAPER_BUDGET]
+    per_frame = tokens_per_frame(model.config)
     kept: dict[str, list[bool]] = {"visionzip": [], "dominant_only": [], "random": []}
     for start in range(0, clips, chunk):
         samples = [synth_sample(seed, i) for i in range(start, min(start + chunk, clips))]
@@ -162,7 +231,7 @@ def objects_kept(model_path: str, seed: int, clips: int, chunk: int = 8) -> dict
             pixels = pixels_of(samples)
             index = {"visionzip": zip_clip(tower, pixels, d, c, layer).dominant_index,
                      "dominant_only": zip_clip(tower, pixels, PAPER_BUDGET, 0, layer).dominant_index,
-                     "random": random_patch_index(len(pixels), tokens_per_frame(model), PAPER_BUDGET, start)}
+                     "random": random_patch_index(len(pixels), per_frame, PAPER_BUDGET, start)}
         for k, sample in enumerate(samples):
             owner = torch.from_numpy(frame_labels(sample.clip, PATCH)["patch_color"])  # [T, P]: 1 + colour
             for rule, idx in index.items():
@@ -170,6 +239,33 @@ def objects_kept(model_path: str, seed: int, clips: int, chunk: int = 8) -> dict
                 kept[rule] += [bool((shown == 1 + list(COLORS).index(obj.color)).any())
                                for obj in sample.clip.objects]  # fmt: skip
     return {rule: sum(v) / len(v) for rule, v in kept.items()}
+
+
+def passes_rule(row: dict, paper: dict) -> bool:
+    """The README's rule for temporal merging: against VisionZip alone at the same budget (`paper`) it
+    costs under 1 point overall and at most 3 points on any type."""
+
+    def cost(key: str) -> float:
+        return round(paper[key] - row[key], 6)  # accuracies are counts over n: no float noise in the rule
+
+    return cost("overall") < 0.01 and all(cost(t) <= 0.03 for t in QUESTION_TYPES if t in row)
+
+
+def choose(paths: list[Path]) -> dict | None:
+    """The rule's pick over result files: the sweep row (by setting name) that passes in every file, with
+    the fewest tokens (their mean over the files; ties: the higher mean accuracy). Prints every row that
+    passes everywhere, fewest tokens first."""
+    tables = [{r["setting"]: r for r in json.loads(Path(p).read_text())["rows"]} for p in paths]
+    names = [n for n in tables[0] if all(t.get(n, {}).get("passes_rule") for t in tables)]
+
+    def mean(name: str, key: str) -> float:
+        return sum(t[name][key] for t in tables) / len(tables)
+
+    ranked = sorted(names, key=lambda n: (mean(n, "visual_tokens"), -mean(n, "overall")))
+    for name in ranked:
+        print(f"{name}: {mean(name, 'visual_tokens'):.2f} tokens, overall "
+              + ", ".join(f"{t[name]['overall']:.3f}" for t in tables))
+    return tables[0][ranked[0]] if ranked else None
 
 
 def goals_of(by: dict[str, dict]) -> tuple[dict, dict]:
@@ -201,6 +297,18 @@ def goals_of(by: dict[str, dict]) -> tuple[dict, dict]:
             drop = paper["measurable"] - temporal["measurable"]
             ratios["temporal_accuracy_drop_measurable"] = drop
             goals["temporal_costs_at_most_1pt_measurable"] = goal(drop, "<=", 0.01)
+        # merging must keep what moves: the one type that compares frames
+        drop = round(paper["direction"] - temporal["direction"], 6)
+        ratios["temporal_direction_drop"] = drop
+        goals["temporal_direction_within_3pt"] = goal(drop, "<=", 0.03)
+    full_temporal = by.get("full+temporal")
+    if full and full_temporal:
+        removed = 1 - full_temporal["visual_tokens"] / full["visual_tokens"]
+        ratios["full_temporal_tokens_removed"] = removed
+        ratios["full_temporal_accuracy_drop"] = full["overall"] - full_temporal["overall"]
+        goals["full_temporal_removes_50pct"] = goal(removed, ">=", 0.50)
+        drop = round(full["overall"] - full_temporal["overall"], 6)
+        goals["full_temporal_costs_at_most_1pt"] = goal(drop, "<=", 0.01)
     return ratios, goals
 
 
@@ -210,6 +318,8 @@ _STYLES = {
     "random": ("tab:red", "v"), "dominant_only": ("tab:purple", "^"),
     "visionzip+temporal": ("tab:green", "s"), "visionzip": ("tab:blue", "o"),
 }  # fmt: skip
+_MATCH_COLORS = {"any": "tab:brown", "same": "tab:green", "radius": "tab:cyan", "prune": "tab:pink",
+                 "same+ctx": "tab:olive", "radius+ctx": "tab:blue", "prune+ctx": "tab:red"}
 
 
 def plot(result_json: Path, png: Path | None = None) -> Path:
@@ -239,8 +349,19 @@ def draw(rows: list[dict], path: Path) -> Path:
             ax.axhline(accuracy[0], color="0.6", linestyle="--", linewidth=1, zorder=1)
         ax.plot(tokens, accuracy, marker=marker, markersize=6 if marker == "*" else 4.5, linewidth=1.5,
                 color=color, label=method, zorder=2)
+    sweeps = []  # threshold sweeps: one dotted line per rule, at the paper's budget and on full tokens
+    for method, base in (("temporal_sweep", "visionzip"), ("temporal_sweep_full", "full")):
+        for match, color in _MATCH_COLORS.items():
+            points = sorted((r["visual_tokens"], r["overall"]) for r in rows
+                            if r["method"] == method and r.get("match") == match)  # fmt: skip
+            if points:
+                tokens, accuracy = zip(*points, strict=True)
+                label = f"{base}+{match} (thresholds)"
+                ax.plot(tokens, accuracy, marker="." if base == "visionzip" else "x", markersize=5,
+                        linewidth=1, linestyle=":", color=color, label=label, zorder=2)
+                sweeps.append(label)
     handles, labels = ax.get_legend_handles_labels()
-    order = [labels.index(m) for m in ["full", "full+temporal", *METHODS] if m in labels]
+    order = [labels.index(m) for m in ["full", "full+temporal", *METHODS, *sweeps] if m in labels]
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator([10, 20, 50, 100, 200, 500, 1000]))
     ax.xaxis.set_major_formatter(ScalarFormatter())

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from transformers import VideoLlavaForConditionalGeneration
 
-from stages.columns import RowErrors
+from stages.columns import RowErrors, to_column
 from stages.model import ModelConfig, load_model
 from stages.preprocess import ClipPreprocess, check_frames
-from visionzip import merge_frames
-from visionzip.baselines import pool_grid
-from visionzip.video_llava import COMPRESSION_METHODS, frame_tokens, project, tokens_per_frame
+from visionzip import merge_frames, zip_clip
+from visionzip.baselines import pool_grid, random_patch_index
+from visionzip.temporal import MATCH_MODES, POSITION_MODES
+from visionzip.video_llava import COMPRESSION_METHODS, feature_layer, frame_tokens, project, tokens_per_frame
 
 
 @dataclass
@@ -43,6 +44,15 @@ class TemporalConfig:
     enabled: bool = False
     threshold: float = 0.9  # cosine similarity above which a token folds into the previous frame's
     max_tokens: int | None = None  # merge further, least similar last, until a video has at most this many
+    # which token of frame t-1 a token may fold into: any (its best match anywhere), same (the token at its
+    # patch position), radius (within `radius` patches), prune (as same, but dropped, not averaged: vLLM's
+    # static-patch pruning); see visionzip.temporal. Tokens without a position (CLS, contextual) never fold
+    # in the position modes; method=pool has no positions, so it takes only `any`.
+    match: str = "any"
+    radius: int = 1  # patches (Chebyshev distance), for match=radius
+    # position modes: VisionZip's contextual token j may fold into contextual token j of frame t-1 (its
+    # slot: the same rank among the frame's merged background) instead of never folding
+    fold_contextual: bool = False
 
 
 @dataclass
@@ -83,6 +93,15 @@ class CompressionConfig:
             found.append(f"temporal.threshold={threshold} must be in [-1, 1] (a cosine similarity)")
         if self.temporal.max_tokens is not None and self.temporal.max_tokens < 1:
             found.append(f"temporal.max_tokens={self.temporal.max_tokens} must be >= 1 or null")
+        match = self.temporal.match
+        if match not in MATCH_MODES:
+            found.append(f"temporal.match={match!r} is not one of {', '.join(MATCH_MODES)}")
+        elif match in POSITION_MODES and self.method == "pool" and self.temporal.enabled:
+            found.append(f"temporal.match={match!r} folds tokens by patch position and method=pool has no "
+                         "positions (its tokens are pooled cells): use temporal.match=any")
+        if isinstance(self.temporal.radius, bool) or not isinstance(self.temporal.radius, int) \
+                or self.temporal.radius < 0:
+            found.append(f"temporal.radius={self.temporal.radius!r} must be an integer >= 0 (patches)")
         return found
 
 
@@ -153,30 +172,63 @@ class EncodeStage:
             return []
         device, dtype = self.model.device, self.model.dtype
         pixels = torch.cat([self.preprocess(frames, device, dtype) for frames in videos])
-        c = self.compression
         # the random control draws each frame's patches from a seed of its own pixels: the same video gives
         # the same tokens whatever batch or runner it goes through
         seeds = [zlib.crc32(np.ascontiguousarray(frame).tobytes()) for frames in videos for frame in frames]
         size = self.frame_batch_size
-        tokens = torch.cat([
-            frame_tokens(self.model, chunk, method=c.method, dominant=c.dominant, contextual=c.contextual,
-                         seed=seeds[start : start + size])
-            for start, chunk in zip(range(0, len(pixels), size), pixels.split(size), strict=True)
-        ])  # fmt: skip
-        return [self._merge(per_video) for per_video in tokens.split([len(frames) for frames in videos])]
+        chunks = [self._frame_tokens(chunk, seeds[start : start + size])
+                  for start, chunk in zip(range(0, len(pixels), size), pixels.split(size), strict=True)]
+        counts = [len(frames) for frames in videos]
+        tokens = torch.cat([chunk for chunk, _ in chunks]).split(counts)
+        if chunks[0][1] is None:
+            return [self._merge(per_video) for per_video in tokens]
+        positions = torch.cat([index for _, index in chunks]).split(counts)
+        return [self._merge(*per_video) for per_video in zip(tokens, positions, strict=True)]
 
-    def _merge(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[T, K, D] -> [M, D]: temporal merging when enabled (CLS of each frame protected), else flatten."""
+    def _frame_tokens(self, pixels: torch.Tensor, seeds: list[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One chunk's per-frame tokens [F, K, D] and, when temporal merging folds by position, each
+        token's patch position [F, K] (raster order of the patch grid, CLS excluded; -1: none, i.e. CLS,
+        contextual and pooled tokens; with `fold_contextual` contextual token j is slot -2 - j), else
+        None."""
+        c = self.compression
+        positional = c.temporal.enabled and c.temporal.match in POSITION_MODES
+        if positional and c.method == "visionzip":  # frame_tokens' own call, keeping the dominant positions
+            zipped = zip_clip(self.model.model.video_tower, pixels, dominant=c.dominant,
+                              contextual=c.contextual, layer=feature_layer(self.model))
+            slots = -2 - torch.arange(c.contextual, device=pixels.device)  # contextual token j: slot j
+            contextual = slots if c.temporal.fold_contextual else torch.full_like(slots, -1)
+            positions = torch.cat([zipped.dominant_index - 1, contextual.expand(len(pixels), -1)], dim=1)
+            return zipped.tokens, positions
+        tokens = frame_tokens(self.model, pixels, method=c.method, dominant=c.dominant,
+                              contextual=c.contextual, seed=seeds)
+        if not positional:
+            return tokens, None
+        frames, k, _ = tokens.shape
+        if c.method == "none":  # every token at its own index
+            index = torch.arange(k, device=tokens.device).expand(frames, k)
+        elif c.method == "random":  # the same draw random_tokens made
+            index = random_patch_index(frames, self.full_per_frame, k, seeds, tokens.device)
+        else:  # pool: cells, not patches
+            return tokens, torch.full((frames, k), -1, device=tokens.device)
+        return tokens, index - 1
+
+    def _merge(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, K, D] -> [M, D]: temporal merging when enabled (CLS of each frame protected), else flatten.
+        `positions` [T, K]: each token's patch position (-1: none), for the position modes."""
         temporal = self.compression.temporal
         if not temporal.enabled:
             return tokens.flatten(0, 1)
-        merged = merge_frames(tokens, temporal.threshold, protect_first=True, max_tokens=temporal.max_tokens)
+        merged = merge_frames(tokens, temporal.threshold, protect_first=True, max_tokens=temporal.max_tokens,
+                              match=temporal.match, positions=positions, radius=temporal.radius,
+                              grid_width=math.isqrt(self.full_per_frame - 1))  # fmt: skip
         return merged.tokens
 
     def __call__(self, batch: dict) -> dict:
         """Ray Data / local batch: column `frames` (uint8 [T, H, W, 3] per row) -> embeddings and stats.
 
-        Adds `visual_embeds` (float32 numpy [M, text_hidden], exact for bf16/fp16 models),
+        Adds `visual_embeds` (numpy [M, text_hidden] in the model's dtype, bfloat16 as its int16 bits:
+        `stages.columns.to_column`) with `visual_embeds_dtype`,
         `visual_tokens_full`, `visual_tokens_after_zip`, `visual_tokens_kept`, `encode_seconds` and
         `error`; drops `frames` so decoded pixels do not travel further. A row that arrives with an `error`
         or whose frames are invalid is not encoded: its `visual_embeds` is empty ([0, text_hidden], not
@@ -204,10 +256,10 @@ class EncodeStage:
                     errors.fail(i, f"encode: {type(err).__name__}: {err}")
         hidden = self.model.config.text_config.hidden_size
         out = {key: value for key, value in batch.items() if key != "frames"}
-        out["visual_embeds"] = [
-            done[i].embeds.float().cpu().numpy() if i in done else np.empty((0, hidden), np.float32)
-            for i in range(rows)
-        ]
+        empty = torch.empty(0, hidden, dtype=self.model.dtype)
+        columns = [to_column(done[i].embeds if i in done else empty) for i in range(rows)]
+        out["visual_embeds"] = [array for array, _ in columns]
+        out["visual_embeds_dtype"] = [dtype for _, dtype in columns]
         for key in ("visual_tokens_full", "visual_tokens_after_zip", "visual_tokens_kept", "encode_seconds"):
             out[key] = [getattr(done[i], key) if i in done else None for i in range(rows)]
         return {**out, **errors.columns()}
