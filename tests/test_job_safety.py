@@ -114,18 +114,6 @@ def test_exit_status_and_plain_messages(tiny_dir, clips, tmp_path):
     assert not (tmp_path / "one.jsonl").exists() and not (tmp_path / "sweep" / "0").exists()
 
 
-def test_the_console_shows_the_job_not_ray(tiny_dir, clips, tmp_path):
-    data = manifest(tmp_path, [{"id": "a", "video": str(clips / "a.mp4"), "question": "What?"}])
-    result = cli(f"model.path={tiny_dir}", "model.dtype=float32", f"data.manifest={data}", "ray.num_cpus=2",
-                 f"output.path={tmp_path / 'out.jsonl'}", f"hydra.run.dir={tmp_path / 'run'}",
-                 "pipeline.generation.max_new_tokens=2", "decode.num_frames=2")
-    assert result.returncode == 0, result.stderr[-2000:]
-    for noise in ("Token authentication", "core_worker", "Progress bars disabled", "streaming_executor",
-                  "Set ray log level"):
-        assert noise not in result.stderr, noise
-    assert "1 rows, 1 answered, 0 errors" in result.stdout  # the summary, as a short table
-
-
 def test_captions_are_one_row_per_clip_with_the_prompt_asked(tiny_dir, clips, tmp_path):
     data = manifest(tmp_path, [
         {"id": "a1", "video": str(clips / "a.mp4")}, {"id": "a2", "video": str(clips / "a.mp4")},
