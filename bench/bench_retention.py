@@ -11,14 +11,15 @@ count whose pooled grid is square (2 x 2); budget 4 (6.2%) is just below it.
     .venv/bin/python -m bench.bench_retention [--set val500|test2000] [--model models/synth]
 
 Temporal-merging rules side by side (`--temporal-sweep T ... --sweep-match M ...` for every rule M at every
-threshold T, and/or `--sweep-at M@T ...`; `--sweep-full`): rows `visionzip+M@T-5` (method `temporal_sweep`)
-and `full+M@T` (`temporal_sweep_full`). A rule is a `compression.temporal.match` (any, same, radius,
-prune), `+ctx` for `compression.temporal.fold_contextual=true`. `same` and `prune` make the
-same folding decisions, so at one threshold they keep exactly as many tokens: prune (vLLM's static-patch
-pruning) is position-aware merging's control at equal counts. Each sweep row at the paper's budget says
-whether it passes the README's rule (`passes_rule`: it costs VisionZip alone at that budget under 1 point
-overall and at most 3 points on any type); the rule picks the passing row with the fewest tokens, in
-every result file given (the shipped models share their tower, so a setting keeps the same tokens):
+threshold T, and/or `--sweep-at M@T ...`): rows `visionzip+M@T-5` (method `temporal_sweep`); on full tokens
+`--full-at M@T ...`: rows `full+M@T` (`temporal_sweep_full`). A rule is a `compression.temporal.match`
+(any, same, radius, prune), `+ctx` for `compression.temporal.fold_contextual=true` (full tokens have no
+contextual tokens). `same` and `prune` make the same folding decisions, so at one threshold they keep
+exactly as many tokens: prune (vLLM's static-patch pruning) is position-aware merging's control at equal
+counts. Each sweep row at the paper's budget says whether it passes the README's rule (`passes_rule`: it
+costs VisionZip alone at that budget under 1 point overall and at most 3 points on any type); the rule
+picks the row that passes in every result file given with the fewest tokens (the shipped models share
+their tower, so a setting keeps the same tokens on both):
 
     .venv/bin/python -m bench.bench_retention --choose bench/results/retention_val500*.json
 
@@ -57,8 +58,8 @@ METHODS = ("visionzip", "visionzip+temporal", "dominant_only", "random", "pool")
 # (VisionZip's contextual tokens fold into their own slot of the previous frame; else they never fold).
 MATCHES = ("any", "same", "radius", "prune", "same+ctx", "radius+ctx", "prune+ctx")
 # The table's temporal rows: the rule and threshold picked on val500 (see the README), the defaults of
-# conf/compression/visionzip_temporal.yaml.
-TEMPORAL_MATCH, TEMPORAL_THRESHOLD = "same", 0.8
+# conf/compression/visionzip_temporal.yaml. The `radius` rules use a radius of 1 patch.
+TEMPORAL_MATCH, TEMPORAL_THRESHOLD = "radius+ctx", 0.8
 
 
 def temporal_args(threshold: float, rule: str) -> list[str]:
@@ -66,31 +67,36 @@ def temporal_args(threshold: float, rule: str) -> list[str]:
     match, _, ctx = rule.partition("+")
     fold_contextual = "true" if ctx == "ctx" else "false"
     return ["compression.temporal.enabled=true", f"compression.temporal.threshold={threshold}",
-            f"compression.temporal.match={match}", f"compression.temporal.fold_contextual={fold_contextual}"]
+            f"compression.temporal.match={match}", "compression.temporal.radius=1",
+            f"compression.temporal.fold_contextual={fold_contextual}"]
+
+
+def rule_at(item: str) -> tuple[str, float]:
+    """"RULE@T" -> (rule, threshold), the rule one of MATCHES."""
+    rule, _, threshold = item.rpartition("@")
+    if rule not in MATCHES:
+        raise ValueError(f"{item!r}: the rule must be one of {', '.join(MATCHES)} (RULE@THRESHOLD)")
+    return rule, float(threshold)
 
 
 def settings(threshold: float, sweep: list[float], match: str = TEMPORAL_MATCH,
-             sweep_matches: list[str] | None = None, sweep_full: bool = False, sweep_at: list[str] = ()
+             sweep_matches: list[str] | None = None, sweep_at: list[str] = (), full_at: list[str] = ()
              ) -> list[tuple[str, str, int, list[str]]]:
     """(name, method, tokens per frame, Hydra overrides) for every row of the table: temporal merging by
-    `match` at `threshold`, and VisionZip + temporal merging at the paper's budget for each rule of
+    `match` at `threshold`; VisionZip + temporal merging at the paper's budget for each rule of
     `sweep_matches` (default: `match`) at each threshold of `sweep`, and for each `RULE@T` of `sweep_at`
-    (rows `visionzip+RULE@T-5`, method `temporal_sweep`), with `sweep_full` full tokens too (`full+RULE@T`,
-    `temporal_sweep_full`; not for the `+ctx` rules: full tokens have no contextual tokens)."""
+    (rows `visionzip+RULE@T-5`, method `temporal_sweep`); full tokens + temporal merging for each `RULE@T`
+    of `full_at` (`full+RULE@T`, `temporal_sweep_full`)."""
     out = [("full", "full", 65, ["compression=none"]),
            ("full+temporal", "full+temporal", 65, ["compression=none", *temporal_args(threshold, match)])]
     d, c = BUDGETS[PAPER_BUDGET]
     paper = ["compression=visionzip_temporal", f"compression.dominant={d}", f"compression.contextual={c}"]
-    pairs = [(m, t) for m in sweep_matches or [match] for t in sweep]
-    pairs += [(item.rsplit("@", 1)[0], float(item.rsplit("@", 1)[1])) for item in sweep_at]
+    pairs = [(m, t) for m in sweep_matches or [match] for t in sweep] + [rule_at(item) for item in sweep_at]
     for m, t in dict.fromkeys(pairs):
-        if m not in MATCHES:
-            raise ValueError(f"unknown temporal-merging rule {m!r}: one of {', '.join(MATCHES)}")
         out.append((f"visionzip+{m}@{t}-{PAPER_BUDGET}", "temporal_sweep", PAPER_BUDGET,
                     [*paper, *temporal_args(t, m)]))  # fmt: skip
-        if sweep_full and not m.endswith("+ctx"):
-            full = ["compression=none", *temporal_args(t, m)]
-            out.append((f"full+{m}@{t}", "temporal_sweep_full", 65, full))
+    for m, t in dict.fromkeys(rule_at(item) for item in full_at):
+        out.append((f"full+{m}@{t}", "temporal_sweep_full", 65, ["compression=none", *temporal_args(t, m)]))
     for k, (d, c) in BUDGETS.items():
         zip_args = [f"compression.dominant={d}", f"compression.contextual={c}"]
         groups = {"visionzip": zip_args, "visionzip+temporal": zip_args, "random": zip_args, "pool": zip_args,
@@ -135,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the rules of the sweep (default: --temporal-match)")
     parser.add_argument("--sweep-at", nargs="*", default=[], metavar="RULE@T",
                         help="also these rules at these thresholds (e.g. any@0.85 same@0.7)")
-    parser.add_argument("--sweep-full", action="store_true", help="sweep full tokens + merging too")
+    parser.add_argument("--full-at", nargs="*", default=[], metavar="RULE@T",
+                        help="also full tokens + merging by these rules at these thresholds")
     parser.add_argument("--name", default="retention", help="writes bench/results/NAME.json and NAME.png")
     parser.add_argument("--plot", type=Path, metavar="RESULT_JSON", default=None,
                         help="only redraw the chart of an existing result file (RESULT_JSON -> .png)")
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         write_dataset(data, seed, clips)
     rows = []
     table = settings(args.temporal_threshold, args.temporal_sweep, args.temporal_match, args.sweep_match,
-                     args.sweep_full, args.sweep_at)
+                     args.sweep_at, args.full_at)
     for name, method, per_frame, overrides in table:
         if args.only and name not in args.only:
             continue
