@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # run as a file: make `bench`, `stages` and `visi
 import torch  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaModel  # noqa: E402
 
-from bench.common import goal, interleaved_medians, print_table, write_result  # noqa: E402
+from bench.common import goal, interleaved_medians, print_ratios, print_table, write_result  # noqa: E402
 
 WIDTH, HEADS, MLP, LLM_LAYERS = 4096, 32, 11008, 32
 FULL, ZIPPED, HEAD_TEXT, TAIL_TEXT = 2056, 136, 6, 44  # 6 + 44 = the 50 text tokens of bench_prefill
@@ -226,10 +226,7 @@ def main() -> None:
     print(f"Llama-7B shaped layers: {args.layers} of 32 run, bf16, {torch.get_num_threads()} threads, "
           f"batches of {BATCH}, {NEW_TOKENS} new tokens per answer")
     print_table(rows, list(dict.fromkeys(key for row in rows for key in row)))
-    for key, value in ratios.items():
-        print(f"{key}: {value:.2f}")
-    for key, g in goals.items():
-        print(f"{key}: {g['value']} (goal {g['op']} {g['target']}: {'met' if g['met'] else 'NOT met'})")
+    print_ratios(ratios, goals)
     print(f"wrote {write_result('answer', rows, ratios, goals)}")
 
 

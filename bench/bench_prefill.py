@@ -51,6 +51,7 @@ from bench.common import (  # noqa: E402
     goal,
     interleaved_medians,
     json_from_subprocess,
+    print_ratios,
     print_table,
     write_result,
 )
@@ -228,10 +229,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; {TEXT_TOKENS} text tokens; {NEW_TOKENS} new tokens per answer"
     )
     print_table(rows)
-    for key, value in ratios.items():
-        print(f"{key}: {value:.2f}")
-    for key, g in goals.items():
-        print(f"{key}: {g['value']} (goal {g['op']} {g['target']}: {'met' if g['met'] else 'NOT met'})")
+    print_ratios(ratios, goals)
     print(f"wrote {write_result('prefill', rows, ratios, goals)}")
 
 

@@ -109,6 +109,14 @@ def write_result(name: str, rows: list[dict], ratios: dict, goals: dict) -> Path
     return write_json(RESULTS_DIR / f"{name}.json", out)
 
 
+def print_ratios(ratios: dict, goals: dict) -> None:
+    """Each ratio, then each goal with its verdict."""
+    for key, value in ratios.items():
+        print(f"{key}: {value:.2f}")
+    for key, g in goals.items():
+        print(f"{key}: {g['value']} (goal {g['op']} {g['target']}: {'met' if g['met'] else 'NOT met'})")
+
+
 def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     columns = columns or list(rows[0])
     cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]

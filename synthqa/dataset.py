@@ -34,12 +34,18 @@ def write_frames(path: str | Path, frames: np.ndarray, fps: int = 8, crf: int = 
         stream.codec_context.thread_count = 1
         stream.options = {"preset": "veryfast", "crf": str(crf), "threads": "1",
                           "x264-params": "threads=1:lookahead-threads=1:sliced-threads=0"}
-        for n, img in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            frame.pts, frame.time_base = n, Fraction(1, fps)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
+        mux_frames(out, stream, frames, fps)
     return path
+
+
+def mux_frames(out: av.container.OutputContainer, stream: av.VideoStream, frames: np.ndarray,
+               fps: int) -> None:
+    """Encode RGB frames [T, H, W, 3] into `stream` at `fps`, one frame per tick, and flush it."""
+    for n, img in enumerate(frames):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+        frame.pts, frame.time_base = n, Fraction(1, fps)
+        out.mux(stream.encode(frame))
+    out.mux(stream.encode())
 
 
 def write_dataset(folder: str | Path, seed: int, clips: int) -> Path:

@@ -40,7 +40,6 @@ import io
 import shutil
 import uuid
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -49,7 +48,7 @@ import numpy as np
 from pipelines.files import write_json, write_jsonl, write_text
 from stages.answer import LETTERS
 from synthqa.clips import COLORS, COUNTS, DIRECTIONS, QUESTION_TYPES, SHAPES, SynthQuestion, synth_sample
-from synthqa.dataset import write_dataset
+from synthqa.dataset import mux_frames, write_dataset
 
 FORMATS = ("videollava", "videomme", "mvbench", "nextqa", "egoschema")
 # the values a question type's answer takes: its distractors
@@ -73,11 +72,7 @@ def write_gif(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
     with av.open(str(path), mode="w") as out:
         stream = out.add_stream("gif", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb8"
-        for n, img in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            frame.pts, frame.time_base = n, Fraction(1, fps)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
+        mux_frames(out, stream, frames, fps)
     return path
 
 
