@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--set", choices=sorted(HELDOUT), default="val500")
     parser.add_argument("--model", default="models/synth")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these settings (names)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these settings (names, or shell patterns: 'visionzip+*@*')")
     parser.add_argument("--temporal-threshold", type=float, default=TEMPORAL_THRESHOLD,
                         help="cosine threshold of temporal merging in the table's temporal rows (default: "
                              "picked on val500, see the README)")
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     table = settings(args.temporal_threshold, args.temporal_sweep, args.temporal_match, args.sweep_match,
                      args.sweep_at, args.full_at)
     for name, method, per_frame, overrides in table:
-        if args.only and name not in args.only:
+        if args.only and not any(fnmatchcase(name, pattern) for pattern in args.only):
             continue
         result = run_setting(overrides, manifest, data / "out" / f"{name}.jsonl", args.model)
         row = {"setting": name, "method": method, "tokens_per_frame": per_frame,
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"measurable types (>= {MEASURABLE:.0%} with full tokens): {measurable}")
     if any(r.get("passes_rule") for r in rows):
         pick = min((r for r in rows if r.get("passes_rule")), key=lambda r: r["visual_tokens"])
-        print(f"on this model alone the rule picks {pick['setting']}")
+        print(f"on this set and model alone the rule would pick {pick['setting']}")
     ratios, goals = goals_of(by_name)
     coverage = objects_kept(args.model, seed, clips)
     ratios.update({f"objects_kept_{rule}_{PAPER_BUDGET}": share for rule, share in coverage.items()})
