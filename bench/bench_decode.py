@@ -71,7 +71,7 @@ def _child(spec: dict) -> dict:
     import stages.decode_decord  # noqa: F401
     import stages.decode_pyav  # noqa: F401
     from bench.common import reset_peak_rss, status_mb
-    from stages.decode import read_frames, rounded_linspace
+    from stages.decode import even_spread, read_frames
 
     path, case = spec["video"], spec["case"]
     rss_before = reset_peak_rss()
@@ -80,7 +80,7 @@ def _child(spec: dict) -> dict:
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.codec_context.thread_type = "AUTO"
-            wanted = set(rounded_linspace(0, stream.frames - 1, 8).tolist())
+            wanted = set(even_spread(0, stream.frames - 1, 8).tolist())
             kept = [
                 f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(stream)) if i in wanted
             ]

@@ -55,6 +55,7 @@ from bench.common import (  # noqa: E402
     print_table,
     write_result,
 )
+from stages import kv_cache  # noqa: E402
 from stages.answer import AnswerConfig, AnswerStage, GenerateConfig  # noqa: E402
 from stages.encode import CompressionConfig, EncodeStage, TemporalConfig  # noqa: E402
 from stages.model import load_video_llava  # noqa: E402
@@ -100,10 +101,11 @@ def prompt(tokens: int) -> torch.Tensor:
 
 def prefill_then_decode(model: LlamaModel, embeds: torch.Tensor, new_tokens: int) -> None:
     """The LLM's work for one answer: prefill, then `new_tokens` single-token steps on the KV cache."""
-    out = model(inputs_embeds=embeds, use_cache=True)
+    cache = kv_cache.new_cache(model.config)
+    model(inputs_embeds=embeds, use_cache=True, **{kv_cache.CACHE: cache})
     step = embeds[:, -1:]
     for _ in range(new_tokens):
-        out = model(inputs_embeds=step, cache=out.cache, use_cache=True)
+        model(inputs_embeds=step, use_cache=True, **{kv_cache.CACHE: cache})
 
 
 def prefill_flops(tokens: int) -> float:
@@ -139,7 +141,7 @@ def tiny_end_to_end(repeats: int) -> tuple[dict[str, float], dict[str, int]]:
     }
     generation = GenerateConfig(max_new_tokens=NEW_TOKENS)
     answerer = AnswerStage(model, tokenizer, config=AnswerConfig(generation=generation))
-    answerer.generation_config.min_new_tokens = NEW_TOKENS  # same decode work in every case
+    answerer.sampling = replace(answerer.sampling, min_new_tokens=NEW_TOKENS)  # same decode work in each case
     clip = synthetic_clip()
     kept = {name: encoder.encode([clip])[0].visual_tokens_kept for name, encoder in encoders.items()}
 

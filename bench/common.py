@@ -96,8 +96,9 @@ def goal(value: float, op: str, target: float) -> dict:
     return {"op": op, "target": target, "value": round(value, 4), "met": bool(met)}
 
 
-def write_result(name: str, rows: list[dict], ratios: dict, goals: dict) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_result(name: str, rows: list[dict], ratios: dict, goals: dict, folder: Path = RESULTS_DIR) -> Path:
+    """`<folder>/<name>.json` in the format of ../shared/docs/benchmarks.md (`folder`: bench/results)."""
+    folder.mkdir(parents=True, exist_ok=True)
     out = {
         "bench": name,
         "when": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -106,7 +107,7 @@ def write_result(name: str, rows: list[dict], ratios: dict, goals: dict) -> Path
         "ratios": {k: round(v, 4) for k, v in ratios.items()},
         "goals": goals,
     }
-    return write_json(RESULTS_DIR / f"{name}.json", out)
+    return write_json(folder / f"{name}.json", out)
 
 
 def print_ratios(ratios: dict, goals: dict) -> None:

@@ -14,14 +14,19 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.config import ConfigError
+from pipelines.files import InUseError
+from pipelines.judge import JudgeError
 from pipelines.manifest import ManifestError
-from pipelines.score import JudgeError
 from pipelines.sink import OutputError
 from stages.model import ModelLoadError
 
 EXIT_FAILED = 1  # the job ran, and failed: too many error rows (max_error_fraction), or all of them
-EXIT_SETUP = 2  # nothing ran: the config, the data, the model, the output or Ray cannot be used
-SETUP_ERRORS = (ConfigError, ManifestError, ModelLoadError, OutputError, JudgeError, ConnectionError)
+EXIT_SETUP = 2  # nothing ran: the config, the data, the model, the output (or another job holds it), Ray, or
+#                the judge (probed before any work: its URL, key or model)
+EXIT_SCORING = 3  # every row, the summary and the timeline are written, but the scoring failed (e.g. the
+#                  judge went down midway): `python -m pipelines.score OUTPUT` resumes it
+SETUP_ERRORS = (ConfigError, ManifestError, ModelLoadError, OutputError, InUseError, JudgeError,
+                ConnectionError)
 
 
 @contextmanager
@@ -37,10 +42,17 @@ def plain_errors() -> Iterator[None]:
 
 
 def exit_if_failed(summary: dict) -> None:
-    """Exit with EXIT_FAILED, naming the reason, when the job's summary says it failed."""
+    """Exit with EXIT_FAILED, naming the reason, when the job's summary says it failed, else with
+    EXIT_SCORING when its scoring failed, printing the command that resumes the scoring (both are printed
+    when both happened: the job's failure decides the status)."""
+    if summary.get("scoring_failed"):
+        print(f"scoring failed: {summary['scoring_failed']}\nresume the scoring with: "
+              f"{summary['rescore']}", file=sys.stderr)  # fmt: skip
     if summary.get("failed"):
         print(f"job failed: {summary['failed']}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
+    if summary.get("scoring_failed"):
+        sys.exit(EXIT_SCORING)
 
 
 class RefuseSharedOutput(Callback):

@@ -24,6 +24,7 @@ from stages.answer import AnswerConfig
 from stages.decode import DecodeConfig
 from stages.encode import CompressionConfig
 from stages.model import ModelConfig
+from tasks import TASKS
 
 RUNNERS = ("ray", "local")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -123,9 +124,21 @@ class TuneJobConfig:
 
 
 def register() -> None:
-    """Put both schemas in Hydra's ConfigStore (conf/config.yaml and conf/tune.yaml list theirs first)."""
+    """Put both schemas in Hydra's ConfigStore (conf/config.yaml and conf/tune.yaml list theirs first), and
+    the `data_task` resolver (`set_default`)."""
     ConfigStore.instance().store(name="job_schema", node=JobConfig)
     ConfigStore.instance().store(name="tune_schema", node=TuneJobConfig)
+    OmegaConf.register_new_resolver("data_task", set_default, replace=True)
+
+
+def set_default(key: str, *, _root_: DictConfig) -> str | None:
+    """`${data_task:KEY}`: the `KEY` of the task of the config's `data.format` (`tasks.TASKS`: its
+    `prompt`, `choice_prompt` or `rule`), what a job asks and scores with unless the key is set. Resolved
+    per job when its config is built, so each job of a `-m` sweep over `data.format` gets its set's own,
+    and the fingerprint and scoring record hold the resolved text. An unknown format gets the manifest's
+    (`data.problems()` names the format)."""
+    task = TASKS.get(_root_.data.format, TASKS["manifest"])
+    return getattr(task, key)
 
 
 def compose_job(*overrides: str) -> JobConfig:

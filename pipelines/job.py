@@ -7,23 +7,26 @@ generation failed, with its traceback in `<stem>.errors.log`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
+import shlex
+import socket
+import sqlite3
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
 from pipelines.config import JobConfig, check, job_problems
-from pipelines.datasets import DataConfig, read_questions
+from pipelines.datasets import read_questions
+from pipelines.fingerprint import job_fingerprint
+from pipelines.judge import JudgeError, probe
 from pipelines.manifest import Question, group_by_video
 from pipelines.runner import (
     conversation_history,
@@ -34,7 +37,7 @@ from pipelines.runner import (
     run_ray,
     unanswerable_turns,
 )
-from pipelines.score import score_file
+from pipelines.score import score_file, write_scoring_record
 from pipelines.sink import OutputSink
 from pipelines.summary import STAGES, summarize, write_summary
 from pipelines.timeline import stage_timeline, write_gantt
@@ -48,15 +51,35 @@ log = logging.getLogger(__name__)
 def run_job(job: JobConfig) -> dict:
     """Run the job described by a config (from `to_job_config`) and return its summary: every row
     written, then scored when the questions have answers. `summary["failed"]` says why the job must
-    count as failed (too many error rows), else None."""
+    count as failed (too many error rows), else None; `summary["scoring_failed"]` why the scoring step
+    failed, when it did, and `summary["rescore"]` the command that resumes it. A judge that will score
+    the job is probed first, before any video is decoded."""
     model_config = prepare_model(job.model)
     check(job_problems(job, tokens_per_frame(model_config)))
     questions = read_questions(job.data, require_question=job.pipeline.task == "qa")
     if job.pipeline.task == "caption":
         questions = one_per_clip(questions, job.pipeline.caption_prompt)
-    sink = OutputSink(job.output.path, overwrite=job.output.overwrite, retry_errors=job.output.retry_errors,
-                      fingerprint=job_fingerprint(job, model_config))
-    history = conversation_history(questions, sink.rows, job.pipeline.choice_prompt)  # earlier turns' answers
+    served_model = probe_judge(job, questions)
+    with OutputSink(job.output.path, overwrite=job.output.overwrite, retry_errors=job.output.retry_errors,
+                    fingerprint=job_fingerprint(job, model_config)) as sink:  # locked till the summary is out
+        write_scoring_record(sink.path, job.data.format, job.score.metric_for(job.data.format),
+                             job.score.judge, served_model, job.score.rule_for(job.data.format))
+        return answer_into(sink, job, questions)
+
+
+def probe_judge(job: JobConfig, questions: list[Question]) -> str | None:
+    """When the job will be scored by an LLM judge, ask it one question now, before any video is decoded,
+    so that a wrong URL, key or model fails in seconds (a JudgeError naming the setting to check); the
+    model the endpoint says it served, else None."""
+    judged = job.score.metric_for(job.data.format) == "judge" and job.score.judge.url
+    return probe(job.score.judge) if judged and any(q.answer for q in questions) else None
+
+
+def answer_into(sink: OutputSink, job: JobConfig, questions: list[Question]) -> dict:
+    """`run_job` once its output is open: ask what `sink` has not done, then finish the output, score it
+    and write the summary."""
+    done = [row for row in sink.rows if row["id"] in sink.done_ids]  # not the error rows to retry
+    history = conversation_history(questions, done, job.pipeline.choice_prompt)  # earlier turns' answers
     pending = unanswerable_turns([q for q in questions if q.id not in sink.done_ids], history)
     log.info("%d questions in %s, %d already answered in %s%s", len(questions), job.data.describe(),
              len(questions) - len(pending), sink.path,
@@ -97,12 +120,22 @@ def run_job(job: JobConfig) -> dict:
     sink.close()
     summary = summarize(sink.rows, written, stage_seconds, time.perf_counter() - start)
     summary["output"] = str(sink.path)
-    summary["scores"] = score_output(job, sink)
     summary["failed"] = failure(summary, job.max_error_fraction)
     summary["timeline"] = stage_timeline(intervals, job_start)
     if any(intervals.values()):
         summary["timeline_plots"] = [str(p) for p in write_gantt(intervals, job_start, sink.path)]
+    # scoring is a step of its own: the summary is written before it, and again with its outcome, so a
+    # judge that fails midway (or a killed scoring) leaves the rows, the summary and the timeline
+    summary["scores"] = None
     summary["summary"] = str(write_summary(summary, sink.path))
+    try:
+        summary["scores"] = score_output(job, sink)
+    except SCORING_ERRORS as err:
+        summary["scoring_failed"] = f"{type(err).__name__}: {err}"
+        summary["rescore"] = f"python -m pipelines.score {shlex.quote(str(sink.path))}"
+        log.error("scoring failed (%s); the rows and the summary are written; resume the scoring with: %s",
+                  summary["scoring_failed"], summary["rescore"])
+    write_summary(summary, sink.path)
     return summary
 
 
@@ -112,6 +145,11 @@ def one_per_clip(questions: list[Question], prompt: str) -> list[Question]:
     if len(clips) < len(questions):
         log.info("captioning %d clips (%d rows: one caption per clip)", len(clips), len(questions))
     return [replace(clip.questions[0], question=prompt) for clip in clips]
+
+
+# what can stop the scoring step after the rows are written: the judge (down, or refusing), its verdict store,
+# the scores file, a row that cannot be scored
+SCORING_ERRORS = (JudgeError, sqlite3.Error, OSError, ValueError)
 
 
 def score_output(job: JobConfig, sink: OutputSink) -> dict | None:
@@ -125,7 +163,7 @@ def score_output(job: JobConfig, sink: OutputSink) -> dict | None:
                     sink.path)
         return None
     scores = score_file(sink.path, metric=metric, judge=job.score.judge if metric == "judge" else None,
-                        rows=sink.rows)
+                        rows=sink.rows, rule=job.score.rule_for(job.data.format))
     return {"path": str(scores_path_of(sink.path)), "metric": scores["metric"], "overall": scores["overall"]}
 
 
@@ -161,45 +199,6 @@ def prepare_model(model: ModelConfig) -> PretrainedConfig:
                              "(a random one built here: the plumbing without the answers)") from None
 
 
-def job_fingerprint(job: JobConfig, model_config: PretrainedConfig) -> dict:
-    """What determines a job's answers: the model (its config's digest and dtype), the tuned projector's
-    digest, compression, decoding, prompts and generation, and the data files' digests. Resources (batch
-    sizes, devices, pools, threads, prefix reuse, vLLM's memory settings) are left out: they change speed,
-    not answers."""
-    # how answers are computed, not what they are: batching, prefix reuse (exact), the engine's resources
-    generation = {k: v for k, v in asdict(job.pipeline.generation).items()
-                  if k not in ("batch_size", "reuse_prefix")}
-    answering = {k: v for k, v in asdict(job.pipeline).items() if k != "vllm"}
-    return {
-        "model": {"path": job.model.path, "dtype": job.model.dtype,
-                  "config_sha256": _digest(json.dumps(model_config.to_dict(), sort_keys=True).encode()),
-                  "projector": _file_digest(job.model.projector_path)},
-        "compression": asdict(job.compression),
-        "decode": {k: v for k, v in asdict(job.decode).items() if k != "threads"},
-        "pipeline": {**answering, "generation": generation},
-        "data": _data_fingerprint(job.data),
-    }
-
-
-def _data_fingerprint(data: DataConfig) -> dict:
-    return {"format": data.format, "video_root": data.video_root,
-            "files": {key: {"path": str(Path(path).resolve()), "sha256": _file_digest(path)}
-                      for key, path in data.files().items() if path}}
-
-
-def _file_digest(path: str | None) -> str | None:
-    """A file's sha256; a folder's (e.g. MVBench's one JSON per task): of its files' names and bytes."""
-    if path is None or not Path(path).exists():
-        return None
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return _digest(b"".join(str(p.relative_to(path.parent)).encode() + p.read_bytes() for p in files))
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 class _Progress:
     """The job's one progress bar over questions; it appears with the first answers, so its clock and
     rate count the work, not Ray's and the models' start."""
@@ -227,7 +226,12 @@ def ray_session(job: JobConfig) -> Iterator[None]:
     disconnected at the end, so the jobs of a Hydra sweep, which run one after another in one process,
     never share a session. The embedded Ray is quiet: its internal warnings (token authentication, the
     core worker's notes, Ray Data's progress and plan lines) do not reach the console; a cluster's own
-    settings are left alone."""
+    settings are left alone.
+
+    The embedded Ray is always this job's own (`address="local"`): another Ray running on the machine,
+    the address file a killed one left behind (`ray_current_cluster`) and `RAY_ADDRESS` are ignored. A
+    cluster that cannot be joined is a `ConnectionError` of one line saying what to check (`join_cluster`).
+    """
     import ray
     import torch
 
@@ -240,6 +244,7 @@ def ray_session(job: JobConfig) -> Iterator[None]:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         with _stderr_without(_RAY_START_NOTES):
             ray.init(
+                address="local",  # start our own, whatever else runs here or RAY_ADDRESS says
                 num_cpus=cfg.num_cpus or os.cpu_count(),
                 num_gpus=cfg.num_gpus if cfg.num_gpus is not None else torch.cuda.device_count(),
                 object_store_memory=cfg.object_store_memory,
@@ -251,7 +256,7 @@ def ray_session(job: JobConfig) -> Iterator[None]:
 
         logging.getLogger("ray.data").setLevel(logging.ERROR)
     else:
-        ray.init(address=cfg.address, log_to_driver=False, logging_level=logging.WARNING)
+        join_cluster(cfg.address)
     try:
         yield
     finally:
@@ -259,6 +264,45 @@ def ray_session(job: JobConfig) -> Iterator[None]:
 
 
 _RAY_START_NOTES = ("Set ray log level from environment variable",)
+# what the core worker repeats on stderr while a connection to a cluster fails (its message says it once)
+_RAY_CONNECT_NOTES = ("Failed to get cluster ID from GCS", "Failed to connect to GCS at address",
+                      "Failed to connect to the observability pubsub")
+HEAD_PROBE_SECONDS = 5.0
+
+
+def join_cluster(address: str) -> None:
+    """`ray.init` on the cluster at `address` (`auto`: the one Ray finds on this machine), failing in
+    seconds with one line saying what to check: no head answers there (checked with a TCP connection
+    first, instead of Ray's own retries, which take minutes), or the head refuses this job's token."""
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address
+    from ray.exceptions import AuthenticationError
+
+    status = f"ray status --address {address}" if address != "auto" else "ray status"
+    try:
+        head = canonicalize_bootstrap_address(address)  # auto: RAY_ADDRESS, the address file, a running GCS
+    except (ConnectionError, ValueError) as err:
+        raise ConnectionError(f"ray.address={address}: {err} (start a head with `ray start --head`, or give "
+                              "ray.address=HOST:PORT of a running one)") from None
+    host, _, port = head.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=HEAD_PROBE_SECONDS).close()
+    except OSError as err:
+        raise ConnectionError(f"ray.address={address}: no Ray head answers at {head} ({err.strerror or err}; "
+                              f"check the address and that the head is running: {status})") from None
+    try:
+        with _stderr_without(_RAY_CONNECT_NOTES):
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, AuthenticationError) as err:
+        cause = f"{err} {err.__cause__}"
+        if "InvalidAuthToken" in cause or "Unauthenticated" in cause or "authentication" in cause.lower():
+            raise ConnectionError(
+                f"ray.address={address}: the cluster at {head} refused this job's token (check "
+                "RAY_AUTH_MODE, and that RAY_AUTH_TOKEN, or the file RAY_AUTH_TOKEN_PATH names, holds the "
+                "head's token)"
+            ) from None
+        raise ConnectionError(f"ray.address={address}: {head} answers but Ray could not join it ({err}; "
+                              f"check that it is a Ray head of this Ray version: {status})") from None
 
 
 @contextmanager

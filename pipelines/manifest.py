@@ -16,11 +16,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.sink import OUTPUT_COLUMNS
 from stages.answer import LETTERS
+from stages.remote import RemoteError, is_remote, is_url, join, local_path, parent, read_bytes
 
 KNOWN_COLUMNS = {"id", "video", "question", "answer", "start", "end", "category", "options", "conversation",
                  "turn"}
@@ -63,12 +65,17 @@ class VideoItem:
 def read_manifest(path: str | Path, video_root: str | Path | None = None, require_question: bool = True
                   ) -> list[Question]:
     """Parse and check a manifest. Relative video paths resolve against `video_root` (default: the
-    manifest's folder) into absolute paths, so workers running elsewhere find them."""
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest {path}: no such file")
-    root = Path(video_root if video_root is not None else path.parent).expanduser().absolute()
-    records = _read_records(path)
+    manifest's folder) into absolute paths or URLs, so workers running elsewhere find them. The manifest,
+    the root and each video may be URLs (`stages.remote`); a video's existence is not checked here, not
+    even a URL's (a missing video is its row's error when it is decoded: no request per video on the
+    driver)."""
+    text, path = _manifest_text(path)
+    default_root = parent(path) if isinstance(path, str) else path.parent
+    try:
+        root = _root(os.fspath(video_root if video_root is not None else default_root))
+    except ValueError as err:
+        raise ManifestError(f"data.video_root: {err}") from None
+    records = _read_records(text, is_csv=str(path).lower().endswith(".csv"))
     problems: list[str] = []
     questions: list[Question] = []
     first_line: dict[str, int] = {}
@@ -114,13 +121,15 @@ def read_manifest(path: str | Path, video_root: str | Path | None = None, requir
             continue
         if qid is None or video is None:
             continue
-        video_path = Path(video).expanduser()
-        if not video_path.is_absolute():
-            video_path = root / video_path
+        try:
+            video_path = resolve_video(video, root)
+        except ValueError as err:
+            problems.append(f"{where}: {err}")
+            continue
         if conversation is not None:
-            turns.setdefault(conversation, []).append((turn, line, (str(video_path), start, end)))
+            turns.setdefault(conversation, []).append((turn, line, (video_path, start, end)))
         extra = {k: v for k, v in record.items() if k not in KNOWN_COLUMNS}
-        questions.append(Question(qid, str(video_path), question, answer, start, end,
+        questions.append(Question(qid, video_path, question, answer, start, end,
                                   _text(record.get("category")), options, extra=extra,
                                   conversation=conversation, turn=turn))
     problems += [f"{path}: {problem}" for problem in conversation_problems(turns)]
@@ -203,10 +212,43 @@ def group_by_video(questions: list[Question]) -> list[VideoItem]:
     return list(items.values())
 
 
-def _read_records(path: Path) -> list[tuple[int, dict | str]]:
+def resolve_video(video: str, root: str) -> str:
+    """A row's video as the workers open it: a URL as it is (`file://` as its local path), an absolute path
+    as it is, a relative path under `root` (an absolute folder or a URL). ValueError: unsupported scheme."""
+    if is_url(video):
+        return local_path(video)
+    video = os.path.expanduser(video)
+    return video if os.path.isabs(video) else join(root, video)
+
+
+def _root(root: str) -> str:
+    """The video root as an absolute folder, or a URL."""
+    if is_remote(root):
+        return root
+    return str(Path(local_path(root)).expanduser().absolute())
+
+
+def _manifest_text(path: str | Path) -> tuple[str, str | Path]:
+    """The manifest's text and where it is (a Path, or the URL of a remote manifest)."""
+    name = os.fspath(path)
+    try:
+        remote = is_remote(name)
+    except ValueError as err:
+        raise ManifestError(f"manifest {err}") from None
+    if remote:
+        try:
+            return read_bytes(name).decode("utf-8"), name
+        except RemoteError as err:
+            raise ManifestError(f"manifest {err}") from None
+    path = Path(local_path(name))
+    if not path.is_file():
+        raise ManifestError(f"manifest {path}: no such file")
+    return path.read_text(encoding="utf-8"), path
+
+
+def _read_records(text: str, is_csv: bool) -> list[tuple[int, dict | str]]:
     """(line number, record or a description of why the line is malformed)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".csv":
+    if is_csv:
         reader = csv.DictReader(text.splitlines())
         if reader.fieldnames is None:
             return []

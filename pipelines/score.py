@@ -3,28 +3,27 @@
 Works on any output file the job writes (JSONL or Parquet), one row per question with `answer`,
 `prediction`, `error` and, where the set has them, `category` (the question type or task) and `options`
 (the option texts shown to the model, lettered A, B, C... in order; `answer` is then the correct letter).
-Rows without an answer are not scored (`unscored`). A row with an `error` (or no prediction) counts as
-wrong and in `errors`, and is never sent to a judge: a setting that breaks videos must not look better
-for it. The category is the row's `category` column, else `all`.
+Rows without an answer are not scored (`unscored`); an id with several rows counts once (its newest
+answer, else its newest error: `pipelines.sink.unique_rows`). A row with an `error` (or no prediction)
+counts as wrong and in `errors`, and is never sent to a judge: a setting that breaks videos must not look
+better for it. The category is the row's `category` column, else `all`.
 
 Metrics (`--metric`; default `choice` when any row has `options`, else `exact`):
 
 - `exact`: the prediction equals the answer after `normalize` (lowercase, punctuation removed, the
   articles a/an/the dropped, whitespace collapsed), so "The Red." matches "red".
-- `choice`: the option the reply chose (`extract_choice`, after lmms-eval's multiple-choice scoring:
-  answer prefixes dropped, then a letter, then the option texts) equals the answer's letter; a reply
-  naming no option is wrong and counted in `unparseable`. Rows without options are scored `exact`.
-- `judge`: Video-LLaVA's GPT judge (`videollava/eval/video/eval_video_qa.py`, from Video-ChatGPT): an
-  OpenAI-compatible chat model, temperature 0, reads the question, the correct and the predicted answer
-  and replies `{'pred': 'yes'|'no', 'score': 0..5}`. `yes` is right; `score` is averaged (error and
-  unparseable rows count 0). A reply that does not parse (`parse_verdict`) counts as `no` with score 0 and
-  in `unparseable`. Requests run `concurrency` at a time, each with a timeout, retried with exponential
-  backoff on connection errors, timeouts, HTTP 429 and 5xx (`retries` times; every attempt is counted in
-  `requests`); any other HTTP error stops the run. Every reply is committed, as it arrives, to a SQLite
-  verdict store beside the output (`<stem>.verdicts.sqlite`) keyed by (judge model, PROMPT_VERSION,
-  question, answer, prediction): a rerun asks only for what the store lacks, and a run killed midway
-  resumes. Identical (question, answer, prediction) triples are judged once. The raw reply is stored and
-  parsed when scoring, so a better parser needs no new requests.
+- `choice`: the option the reply chose, read by an extraction rule (`--rule`, `score.rule`; by default
+  the set's own reference rule, `tasks.TASKS[format].rule`, and for a manifest lmms-eval's current
+  `extract_mcq_answer`: see `tasks.choice`), equals the answer's letter; a reply naming no option is wrong
+  and counted in `unparseable`. `reference_accuracy` divides as the rule's reference does (Video-MME's
+  script: over the replies it could read). Rows without options are scored `exact`.
+- `judge`: Video-LLaVA's GPT judge as its reference script runs it (`pipelines.judge`: an OpenAI-compatible
+  chat model reads the question, the correct and the predicted answer and replies
+  `{'pred': 'yes'|'no', 'score': 0..5}`). `yes` is right; `score` is averaged (error and unparseable rows
+  count 0). A reply that still does not parse after its re-asks counts as `no` with score 0 and in
+  `unparseable`. Every HTTP request, re-asks and retries included, is counted in `requests`. Verdicts live
+  in a SQLite store beside the output (`<stem>.verdicts.sqlite`): a rerun asks only for what it lacks. The
+  raw reply is stored and parsed when scoring, so a better parser needs no new requests.
 
 Deviation from Video-LLaVA's script, which reports yes / (yes + no) over the replies that parsed: here
 accuracy is over every scored question (error and unparseable rows are wrong), like the other metrics.
@@ -36,173 +35,40 @@ move together; a row without `video` is its own cluster), `RESAMPLES` times with
     python -m pipelines.score multirun/DATE/TIME      # a `-m` sweep: one row per job, see sweep_table
 
 A file gets `<stem>.scores.json` beside it; a sweep folder `scores_table.md` and `scores_table.json` (and
-each job its own scores file). The table is printed as Markdown.
+each job its own scores file). The table is printed as Markdown. A job records how its output is scored
+in `<stem>.scoring.json` beside it (`write_scoring_record`: the set, its metric and the judge's settings,
+never the key), so `python -m pipelines.score OUTPUT` scores it the same way with no other flag; a flag
+given overrides the record. Error rows are counted apart from wrong answers (`errors`, `wrong`); a job of
+a sweep without answers is listed as not scorable, with its rows and error rows counted.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
-import re
-import sqlite3
 import string
-import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import numpy as np
 
 from pipelines.files import markdown_table, read_jsonl, write_json, write_text
+from pipelines.judge import JudgeConfig, JudgeError, judge_triples
+from pipelines.sink import unique_rows
+from tasks import TASKS
+from tasks.choice import RULES, answer_letter, extract, normalize, rule_named
 
 METRICS = ("exact", "choice", "judge")
-PROMPT_VERSION = 1  # bump when the judge's prompt text changes: stored verdicts of other versions go unused
 RESAMPLES = 1000
 SEED = 0
 
-_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
-_ARTICLES = {"a", "an", "the"}
+# -------------------------------------------------------------------------------------------- config
 
-
-def normalize(text: object) -> str:
-    """Lowercase, punctuation removed, articles dropped, whitespace collapsed; None -> ''."""
-    if text is None:
-        return ""
-    words = _PUNCTUATION.sub(" ", str(text).lower()).split()
-    return " ".join(w for w in words if w not in _ARTICLES)
-
-
-# ---------------------------------------------------------------------------------------------- choice
-
-# lmms-eval's answer prefixes (tasks/videomme/utils.py `extract_characters_regex`, its later versions).
-ANSWER_PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
-                   "The best option is", "The correct option is", "Final Answer:", "Best answer:",
-                   "Best option:", "Answer:", "Option:")  # fmt: skip
-_PREFIX_RE = re.compile("|".join(re.escape(p) for p in sorted(ANSWER_PREFIXES, key=len, reverse=True)), re.I)
-_OWN_LETTER = re.compile(r"^\s*[(\[]?([A-Za-z])[.):\]]\s+")  # "A. text", "(A) text" as an option's own text
-
-
-def _option_texts(options: list) -> list[str]:
-    """Each option's text normalised, without a leading copy of its own letter ("A. red" -> "red")."""
-    texts = []
-    for letter, option in zip(string.ascii_uppercase, options, strict=False):
-        text = str(option)
-        own = _OWN_LETTER.match(text)
-        if own and own.group(1).upper() == letter:
-            text = text[own.end() :]
-        texts.append(normalize(text))
-    return texts
-
-
-def _unique(found: Iterable[str]) -> str | None:
-    found = set(found)
-    return found.pop() if len(found) == 1 else None
-
-
-def extract_choice(reply: object, options: list) -> str | None:
-    """The letter of the option a reply chose, or None when it names none. Letters are A, B, C... for
-    `options` in order; a letter beyond them is not an option. The steps, first hit wins:
-
-    1. Drop lmms-eval's answer prefixes ("The best answer is", "Answer:", ... `ANSWER_PREFIXES`, any
-       case, wherever they occur), then whitespace, ':', '*', quotes and backticks at either end.
-    2. A letter marked as one at the start: "(B)", "[B]", "B", "b", "B.", "B)", "B:", "B," ("B. red").
-    3. The whole reply is one option's text (normalised: "The red circle." chooses "red circle").
-    4. A capital letter then a space at the start, "B red": not "A" or "I", which open English sentences.
-    5. One letter in brackets anywhere: "I pick (C) because" (more than one distinct letter: none).
-    6. One capital letter standing alone anywhere, again not "A" or "I": "It is C." (distinct letters:
-       exactly one).
-    7. The option texts contained in the normalised reply, whole words; when several are, those inside a
-       longer one drop out ("red" in "dark red"); exactly one left chooses it.
-    """
-    letters = string.ascii_uppercase[: len(options)]
-    text = _PREFIX_RE.sub(" ", "" if reply is None else str(reply)).strip(":*\"'` \t\n")
-    if not text or not letters:
-        return None
-    marked = re.match(r"[(\[]\s*([A-Za-z])\s*[)\]]|([A-Z])(?=$|[.):,])|([a-z])[.)]?$", text)
-    if marked:
-        letter = next(g for g in marked.groups() if g).upper()
-        if letter in letters:
-            return letter
-    texts = _option_texts(options)
-    whole = normalize(text)
-    if whole and whole in texts:
-        return letters[texts.index(whole)]
-    spaced = re.match(r"([A-Z])\s+\S", text)
-    if spaced and spaced.group(1) in letters and spaced.group(1) not in "AI":
-        return spaced.group(1)
-    bracketed = _unique(m.upper() for m in re.findall(r"[(\[]\s*([A-Za-z])\s*[)\]]", text)
-                        if m.upper() in letters)  # fmt: skip
-    if bracketed:
-        return bracketed
-    standalone = re.findall(r"(?<![\w'])([A-Z])(?![\w'])", text)
-    alone = _unique(m for m in standalone if m in letters and m not in "AI")
-    if alone:
-        return alone
-    padded = f" {whole} "
-    inside = [i for i, t in enumerate(texts) if t and f" {t} " in padded]
-    inside = [i for i in inside if not any(j != i and f" {texts[i]} " in f" {texts[j]} " for j in inside)]
-    return letters[inside[0]] if len({texts[i] for i in inside}) == 1 else None
-
-
-def answer_letter(row: dict) -> str:
-    """The correct letter of a multiple-choice row: its `answer` as a letter, or as one option's text."""
-    letter = extract_choice(row["answer"], row["options"])
-    if letter is None:
-        raise ValueError(f"row {row.get('id')!r}: answer {row['answer']!r} is not the letter of one of its "
-                         f"{len(row['options'])} options")
-    return letter
-
-
-# ----------------------------------------------------------------------------------------------- judge
-
-JUDGE_SYSTEM = (
-    "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for "
-    "question-answer pairs. Your task is to compare the predicted answer with the correct answer and "
-    "determine if they match meaningfully. Here's how you can accomplish the task:------##INSTRUCTIONS: "
-    "- Focus on the meaningful match between the predicted answer and the correct answer.\n"
-    "- Consider synonyms or paraphrases as valid matches.\n"
-    "- Evaluate the correctness of the prediction compared to the answer."
-)
-JUDGE_USER = (
-    "Please evaluate the following video-based question-answer pair:\n\n"
-    "Question: {question}\nCorrect Answer: {answer}\nPredicted Answer: {prediction}\n\n"
-    "Provide your evaluation only as a yes/no and score where the score is an integer value between 0 and 5, "
-    "with 5 indicating the highest meaningful match. Please generate the response in the form of a Python "
-    "dictionary string with keys 'pred' and 'score', where value of 'pred' is  a string of 'yes' or 'no' and "
-    "value of 'score' is in INTEGER, not STRING.DO NOT PROVIDE ANY OTHER OUTPUT TEXT OR EXPLANATION. Only "
-    "provide the Python dictionary string. For example, your response should look like this: "
-    "{{'pred': 'yes', 'score': 4.8}}."
-)
-
-
-@dataclass
-class JudgeConfig:
-    """An OpenAI-compatible chat-completions endpoint to judge with (`url` e.g. http://host:8000/v1)."""
-
-    url: str | None = None
-    model: str | None = None
-    key_env: str = "OPENAI_API_KEY"  # the env var holding the key; unset: a placeholder (local endpoints)
-    concurrency: int = 8
-    retries: int = 3  # after the first attempt, on connection errors, timeouts, 429 and 5xx
-    timeout: float = 60.0  # seconds per request
-    store: str | None = None  # the verdict store; None: <output stem>.verdicts.sqlite beside the output
-    backoff: float = 1.0  # seconds before the first retry, doubled for each next one
-
-    def problems(self) -> list[str]:
-        out = [f"judge.{name} must be set" for name in ("url", "model") if not getattr(self, name)]
-        out += [f"judge.{name} must be > 0, got {getattr(self, name)}" for name in ("concurrency", "timeout")
-                if not getattr(self, name) > 0]  # fmt: skip
-        if self.retries < 0 or self.backoff < 0:
-            out.append(f"judge.retries and judge.backoff must be >= 0, got {self.retries}, {self.backoff}")
-        return out
-
-
-METRICS = ("exact", "choice", "judge")
 # how the field scores each set: Video-LLaVA's open-ended sets by an LLM judge, the others by option letter
-FORMAT_METRICS = {"videollava": "judge", "videomme": "choice", "mvbench": "choice", "nextqa": "choice",
-                  "egoschema": "choice"}
+FORMAT_METRICS = {name: task.metric for name, task in TASKS.items() if task.metric}
 
 
 @dataclass
@@ -213,38 +79,24 @@ class ScoreConfig:
     metric: str | None = None  # null: the set's own (FORMAT_METRICS; a manifest: choice with options, else
     #                            exact); exact | choice | judge | none (no scoring at the end of the job)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    rule: str | None = None  # multiple choice: how a reply's letter is read (tasks.choice.RULES); null: the
+    #                          set's own (tasks.TASKS[format].rule)
 
     def problems(self) -> list[str]:
+        found = []
         if self.metric is not None and self.metric not in (*METRICS, "none"):
-            return [f"metric={self.metric!r} is not one of {', '.join(METRICS)}, none or null"]
-        return self.judge.problems() if self.metric == "judge" else []
+            found.append(f"metric={self.metric!r} is not one of {', '.join(METRICS)}, none or null")
+        if self.rule is not None and self.rule not in RULES:
+            found.append(f"rule={self.rule!r} is not one of {', '.join(RULES)} or null")
+        return found or (self.judge.problems() if self.metric == "judge" else [])
+
+    def rule_for(self, data_format: str) -> str | None:
+        """The extraction rule a job of this data format is scored with (None: an open-ended set's)."""
+        return self.rule or TASKS[data_format].rule
 
     def metric_for(self, data_format: str) -> str | None:
         """The metric a job of this data format is scored with (None: from its rows)."""
         return self.metric or FORMAT_METRICS.get(data_format)
-
-
-class JudgeError(RuntimeError):
-    """The judge failed for good: a non-retryable HTTP error, or every retry spent."""
-
-
-_DICT = re.compile(r"\{[^{}]*\}", re.S)
-_PRED = re.compile(r"""["']?\bpred\b["']?\s*:\s*["']?\s*(yes|no)\b""", re.I)
-_SCORE = re.compile(r"""["']?\bscore\b["']?\s*:\s*["']?\s*(-?\d+(?:\.\d*)?)""", re.I)
-
-
-def parse_verdict(reply: object) -> tuple[bool, int] | None:
-    """(yes, score) from a judge's reply, or None when it does not parse. Accepts single or double quotes
-    (a Python dict or JSON), text around the dict, any case ('YES', 'No'), the score as a number or a
-    string; a fractional score is truncated like Video-LLaVA's `int(score)`. Both keys must be there
-    and the score within 0..5. Inside the first {...} block when there is one, else the whole text."""
-    text = "" if reply is None else str(reply)
-    for part in [m.group(0) for m in _DICT.finditer(text)][:1] + [text]:
-        pred, score = _PRED.search(part), _SCORE.search(part)
-        if pred and score:
-            value = int(float(score.group(1)))
-            return (pred.group(1).lower() == "yes", value) if 0 <= value <= 5 else None
-    return None
 
 
 def judge_messages(row: dict) -> tuple[str, str, str]:
@@ -258,128 +110,6 @@ def judge_messages(row: dict) -> tuple[str, str, str]:
         letter = answer_letter(row)
         answer = f"{letter}. {options[letters.index(letter)]}"
     return question, answer, str(row["prediction"])
-
-
-class VerdictStore:
-    """Judge replies in SQLite, keyed by (model, prompt version, question, answer, prediction); each
-    `put` commits (WAL journal: a killed run loses nothing it was told)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS verdicts (model TEXT NOT NULL, prompt_version INTEGER NOT NULL, "
-            "question TEXT NOT NULL, answer TEXT NOT NULL, prediction TEXT NOT NULL, reply TEXT NOT NULL, "
-            "url TEXT, created REAL, PRIMARY KEY (model, prompt_version, question, answer, prediction))"
-        )
-        self.db.commit()
-
-    def get(self, model: str, key: tuple[str, str, str]) -> str | None:
-        found = self.db.execute(
-            "SELECT reply FROM verdicts WHERE model=? AND prompt_version=? AND question=? AND answer=? "
-            "AND prediction=?", (model, PROMPT_VERSION, *key)).fetchone()  # fmt: skip
-        return None if found is None else found[0]
-
-    def put(self, model: str, key: tuple[str, str, str], reply: str, url: str | None = None) -> None:
-        self.db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (model, PROMPT_VERSION, *key, reply, url, time.time()))  # fmt: skip
-        self.db.commit()
-
-    def __len__(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
-
-    def close(self) -> None:
-        self.db.close()
-
-
-async def _ask_all(judge: JudgeConfig, todo: list[tuple[str, str, str]], store: VerdictStore) -> int:
-    """Ask the judge for every key of `todo`, storing each reply as it comes; the HTTP requests made."""
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=judge.url, api_key=os.environ.get(judge.key_env) or "none",
-                                max_retries=0, timeout=judge.timeout)  # fmt: skip
-    retryable = (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError)  # + timeouts
-    gate = asyncio.Semaphore(judge.concurrency)
-    requests = 0
-
-    async def ask(key: tuple[str, str, str]) -> None:
-        nonlocal requests
-        question, answer, prediction = key
-        messages = [{"role": "system", "content": JUDGE_SYSTEM},
-                    {"role": "user", "content": JUDGE_USER.format(question=question, answer=answer,
-                                                                  prediction=prediction)}]  # fmt: skip
-        async with gate:
-            for attempt in range(judge.retries + 1):
-                requests += 1
-                try:
-                    response = await client.chat.completions.create(model=judge.model, messages=messages,
-                                                                    temperature=0)  # fmt: skip
-                except retryable as err:
-                    if attempt == judge.retries:
-                        raise JudgeError(f"judge {judge.url}: {type(err).__name__} on {judge.retries + 1} "
-                                         f"attempts, last: {err}") from err  # fmt: skip
-                    await asyncio.sleep(judge.backoff * 2**attempt)
-                    continue
-                except openai.APIStatusError as err:
-                    hint = f" (is the key in ${judge.key_env}?)" if err.status_code in (401, 403) else ""
-                    message = f"judge {judge.url}: HTTP {err.status_code}{hint}: {err.message}"
-                    raise JudgeError(message) from err
-                reply = response.choices[0].message.content if response.choices else None
-                store.put(judge.model, key, reply or "", judge.url)
-                return
-
-    tasks = [asyncio.ensure_future(ask(key)) for key in todo]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await client.close()
-    return requests
-
-
-def _run(coroutine):
-    """asyncio.run, also from a thread that already runs an event loop (a notebook, an async caller)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    result: dict = {}
-
-    def target() -> None:
-        try:
-            result["value"] = asyncio.run(coroutine)
-        except BaseException as err:  # noqa: B036 - re-raised in the caller's thread
-            result["error"] = err
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
-def judge_rows(rows: list[dict], judge: JudgeConfig, store_path: str | os.PathLike | None = None
-               ) -> tuple[list[tuple[bool, int] | None], int]:
-    """A verdict per row ((yes, score), or None unparseable) and the requests this call made; only the
-    (question, answer, prediction) triples missing from the store are asked. Rows must have predictions."""
-    problems = judge.problems()
-    if problems:
-        raise ValueError("; ".join(problems))
-    store = VerdictStore(store_path or judge.store or ":memory:")
-    try:
-        keys = [judge_messages(row) for row in rows]
-        todo = [k for k in dict.fromkeys(keys) if store.get(judge.model, k) is None]
-        requests = _run(_ask_all(judge, todo, store)) if todo else 0
-        return [parse_verdict(store.get(judge.model, k)) for k in keys], requests
-    finally:
-        store.close()
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -419,10 +149,14 @@ def _scored(row: dict) -> bool:
 
 
 def score_rows(rows: Iterable[dict], metric: str | None = None, judge: JudgeConfig | None = None,
-               store_path: str | os.PathLike | None = None) -> dict:
+               store_path: str | os.PathLike | None = None, rule: str | None = None) -> dict:
     """Score rows (see the module's doc); `metric` None picks `default_metric`; `judge` is needed for
-    `judge`, whose verdicts live in `store_path`, else `judge.store`, else in memory. Returns
-    {"metric", "overall", "by_category", "unscored", "requests", ...}: see `GROUP_KEYS`."""
+    `judge`, whose verdicts live in `store_path`, else `judge.store`, else in memory; `rule` reads the
+    multiple-choice replies (`tasks.choice.RULES`; None: the generic one). Returns
+    {"metric", "overall", "by_category", "unscored", "requests", ...}, each group with `n` (scored rows),
+    `correct`, `wrong` (answered, not right), `errors` (error rows), `accuracy` (correct / n),
+    `unparseable`, `ci95`, for the judge `score`, and for multiple choice `reference_accuracy`: correct over
+    the replies the rule's reference counts (Video-MME's script leaves out replies it cannot read)."""
     rows = list(rows)
     scored = [r for r in rows if _scored(r)]
     metric = metric or default_metric(scored)
@@ -434,22 +168,25 @@ def score_rows(rows: Iterable[dict], metric: str | None = None, judge: JudgeConf
     right = [False] * len(scored)
     points: list[int | None] = [None] * len(scored)
     unparseable = [False] * len(scored)
+    counted = [True] * len(scored)  # in the reference's denominator (error rows: as an empty reply)
     requests = 0
     if metric == "judge":
         answered = [i for i, f in enumerate(failed) if not f]
-        verdicts, requests = judge_rows([scored[i] for i in answered], judge, store_path)
+        verdicts, requests = judge_triples([judge_messages(scored[i]) for i in answered], judge, store_path)
         for i, verdict in zip(answered, verdicts, strict=True):
             unparseable[i] = verdict is None
             right[i], points[i] = verdict or (False, 0)
         points = [0 if p is None else p for p in points]
     else:
         for i, row in enumerate(scored):
-            if failed[i]:
-                continue
             if metric == "choice" and row.get("options"):
-                chosen = extract_choice(row["prediction"], row["options"])
-                unparseable[i] = chosen is None
-                right[i] = chosen is not None and chosen == answer_letter(row)
+                extraction = extract(None if failed[i] else row["prediction"], row["options"], rule)
+                counted[i] = extraction.counted
+                if not failed[i]:
+                    unparseable[i] = not extraction.letters
+                    right[i] = answer_letter(row) in extraction.letters
+            elif failed[i]:
+                continue
             else:
                 right[i] = normalize(row["prediction"]) == normalize(row["answer"])
     categories = [str(r["category"]) if r.get("category") is not None else "all" for r in scored]
@@ -458,33 +195,40 @@ def score_rows(rows: Iterable[dict], metric: str | None = None, judge: JudgeConf
 
     def group(members: list[int]) -> dict:
         n = len(members)
-        out = {"n": n, "correct": sum(right[i] for i in members),
-               "accuracy": sum(right[i] for i in members) / n if n else None,
-               "unparseable": sum(unparseable[i] for i in members), "errors": sum(failed[i] for i in members),
+        correct, errors = sum(right[i] for i in members), sum(failed[i] for i in members)
+        out = {"n": n, "correct": correct, "wrong": n - correct - errors, "errors": errors,
+               "accuracy": correct / n if n else None, "unparseable": sum(unparseable[i] for i in members),
                "ci95": bootstrap_ci([right[i] for i in members], [videos[i] for i in members])}  # fmt: skip
         if metric == "judge":
             out["score"] = sum(points[i] for i in members) / n if n else None
+        if metric == "choice":
+            denominator = sum(counted[i] for i in members)
+            out["reference_accuracy"] = (sum(right[i] and counted[i] for i in members) / denominator
+                                         if denominator else None)
         return out
-
-    def mean(key: str) -> float | None:
-        values = [r[key] for r in scored if r.get(key) is not None]
-        return sum(values) / len(values) if values else None
 
     result = {
         "metric": metric,
+        **({"rule": rule_named(rule).name, "rule_reference": rule_named(rule).reference}
+           if metric == "choice" else {}),
         "overall": group(list(range(len(scored)))),
         "by_category": {c: group([i for i, k in enumerate(categories) if k == c])
                         for c in sorted(set(categories))},
         "unscored": len(rows) - len(scored),
         "requests": requests,
-        "visual_tokens_kept_mean": mean("visual_tokens_kept"),
-        "answer_seconds_mean": mean("answer_seconds"),
+        "visual_tokens_kept_mean": _mean(scored, "visual_tokens_kept"),
+        "answer_seconds_mean": _mean(scored, "answer_seconds"),
         "bootstrap": {"resamples": RESAMPLES, "seed": SEED, "cluster": "video"},
     }
     if metric == "judge":
-        result.update(judge_model=judge.model, judge_url=judge.url, prompt_version=PROMPT_VERSION,
-                      judge_store=str(store_path or judge.store or ":memory:"))
+        result.update(judge=judge.record(), judge_store=str(store_path or judge.store or ":memory:"))
     return result
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    """The mean of `key` over the rows that have a value for it, or None."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
@@ -512,13 +256,16 @@ def store_path_for(output: str | os.PathLike, judge: JudgeConfig | None = None) 
 
 def score_file(path: str | os.PathLike, metric: str | None = None, judge: JudgeConfig | None = None,
                store_path: str | os.PathLike | None = None, scores: str | os.PathLike | None = None,
-               rows: list[dict] | None = None) -> dict:
-    """Score an output file (`rows`: its rows when already read) and write the result, with `source`, to
-    `scores` (default `<stem>.scores.json` beside it, atomically); returns it. The judge's verdict store
-    is `store_path`, else `judge.store`, else `<stem>.verdicts.sqlite` beside the output."""
-    rows = read_rows(path) if rows is None else rows
+               rows: list[dict] | None = None, rule: str | None = None) -> dict:
+    """Score an output file (`rows`: its rows when already read; each id counted once, `unique_rows`;
+    `rule`: how multiple-choice replies are read, `tasks.choice.RULES`) and
+    write the result, with `source`, to `scores` (default `<stem>.scores.json` beside it, atomically);
+    returns it. The judge's verdict store is `store_path`, else `judge.store`, else `<stem>.verdicts.sqlite`
+    beside the output."""
+    rows = unique_rows(read_rows(path) if rows is None else rows)
     store = store_path or store_path_for(path, judge)
-    result = {"source": str(path), **score_rows(rows, metric=metric, judge=judge, store_path=store)}
+    result = {"source": str(path),
+              **score_rows(rows, metric=metric, judge=judge, store_path=store, rule=rule)}
     write_json(scores or scores_path(path), result)
     return result
 
@@ -534,29 +281,100 @@ def _cell(value: object) -> str:
 
 
 def format_table(result: dict) -> str:
-    """A file's scores as Markdown: one row per category, then `overall`."""
-    columns = ["category", "n", "correct", "errors", "accuracy", "ci95"]
+    """A file's scores as Markdown: one row per category, then `overall`; error rows (`errors`) apart from
+    the answers that were wrong (`wrong`)."""
+    columns = ["category", "n", "correct", "wrong", "errors", "accuracy", "ci95"]
     columns += ["score", "unparseable"] if result["metric"] == "judge" else ["unparseable"]
     groups = [*result["by_category"].items(), ("overall", result["overall"])]
     table = markdown_table([{"category": name, **g} for name, g in groups], columns, _cell)
     notes = [f"metric: {result['metric']}"]
     if result["metric"] == "judge":
-        notes.append(f"judge: {result['judge_model']} at {result['judge_url']} "
-                     f"(prompt v{result['prompt_version']}), {result['requests']} requests this run")
+        judge = result["judge"]
+        temperature = "the API's default" if judge["temperature"] is None else judge["temperature"]
+        notes.append(f"judge: {judge['model']} at {judge['url']} (prompt v{judge['prompt_version']}, "
+                     f"temperature {temperature}, up to {judge['reask']} re-asks), "
+                     f"{result['requests']} requests this run")
     if result["unscored"]:
         notes.append(f"{result['unscored']} rows without an answer not scored")
     return table + "\n" + "\n".join(notes)
 
 
+# ----------------------------------------------------------------------------------- the scoring record
+
+
+def scoring_record_path(output: str | os.PathLike) -> Path:
+    output = Path(output)
+    return output.with_name(output.stem + ".scoring.json")
+
+
+def write_scoring_record(output: str | os.PathLike, data_format: str, metric: str | None,
+                         judge: JudgeConfig | None, served_model: str | None = None,
+                         rule: str | None = None) -> Path:
+    """Record beside a job's output how it is scored, so that `python -m pipelines.score OUTPUT` needs no
+    other flag: the set (`data_format`), its `metric` (None: from the rows), its multiple-choice `rule`
+    and, when it has one, the judge's settings (the key's env var name, never the key) and the model its
+    endpoint said it served."""
+    return write_json(scoring_record_path(output), {
+        "data_format": data_format, "metric": metric, "rule": rule,
+        "judge": judge.record() if judge is not None and judge.url else None, "served_model": served_model,
+    })  # fmt: skip
+
+
+def read_scoring_record(output: str | os.PathLike) -> dict:
+    """The job's scoring record beside `output` (`write_scoring_record`), {} when there is none."""
+    path = scoring_record_path(output)
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"scoring record {path}: not valid JSON ({err}); pass --metric, --rule (and "
+                         "--judge-*) or delete it") from None
+
+
+def recorded_rule(output: str | os.PathLike, rule: str | None = None) -> str | None:
+    """The multiple-choice rule to score `output` with: `rule` when given, else the job's record beside the
+    output (`write_scoring_record`), else None (the generic rule)."""
+    return rule_named(rule).name if rule is not None else read_scoring_record(output).get("rule")
+
+
+def scoring_settings(output: str | os.PathLike, metric: str | None = None,
+                     judge_overrides: dict | None = None) -> tuple[str | None, JudgeConfig | None]:
+    """The metric (None: from the rows) and judge to score `output` with: what is given (`metric`;
+    `judge_overrides`, JudgeConfig fields, a `url` among them meaning the judge), over the job's record
+    beside the output (`write_scoring_record`). The judge may still lack its url or model: check
+    `problems()`."""
+    record = read_scoring_record(output)
+    overrides = judge_overrides or {}
+    recorded = record.get("metric") if record.get("metric") != "none" else None
+    metric = metric or ("judge" if overrides.get("url") else None) or recorded
+    if metric != "judge":
+        return metric, None
+    fields = {f.name for f in dataclass_fields(JudgeConfig)}
+    settings = {k: v for k, v in (record.get("judge") or {}).items() if k in fields}
+    return metric, JudgeConfig(**{**settings, **overrides})
+
+
+def _judge_problems(output: str | os.PathLike, judge: JudgeConfig) -> str | None:
+    """Why `judge` cannot score `output`, in the command line's terms, or None."""
+    problems = judge.problems()
+    if not problems:
+        return None
+    return (f"{output}: {'; '.join(p.replace('judge.', '--judge-') for p in problems)} (scored by an LLM "
+            f"judge; nothing usable recorded in {scoring_record_path(output).name})")
+
+
 # ---------------------------------------------------------------------------------------------- sweeps
 
+NOT_SCORABLE = "no answers: not scorable"
 
-def sweep_table(folder: str | os.PathLike, metric: str | None = None, judge: JudgeConfig | None = None
-                ) -> list[dict]:
+
+def sweep_table(folder: str | os.PathLike, metric: str | None = None, judge_overrides: dict | None = None,
+                rule: str | None = None) -> list[dict]:
     """One row per job of a Hydra `-m` sweep folder (each job's folder has `.hydra/overrides.yaml` and its
-    output file, which gets its own scores file): the job's overrides, mean visual tokens kept, accuracy
-    per category and overall with its ci95, errors, and `retention` against the sweep's job run with
-    `compression=none` (None when there is not exactly one, or its accuracy is 0)."""
+    output file, which gets its own scores file, scored as `scoring_settings` says): the job's overrides,
+    mean visual tokens kept, accuracy per category and overall with its ci95, the output's `rows`, the
+    scored answers that were `wrong`, the output's error rows (`errors`), and `retention` against the job
+    of the sweep run with `compression=none` (None when there is not exactly one, or its accuracy is 0 or
+    unknown). A job without answers gets no scores: its `note` says so."""
     from omegaconf import OmegaConf
 
     rows = []
@@ -565,15 +383,25 @@ def sweep_table(folder: str | os.PathLike, metric: str | None = None, judge: Jud
         outputs = sorted(p for p in job.iterdir() if p.suffix.lower() in (".jsonl", ".parquet"))
         if len(outputs) != 1:
             raise ValueError(f"sweep job {job}: expected one output file (.jsonl or .parquet), got {outputs}")
-        result = score_file(outputs[0], metric=metric, judge=judge)
+        output = outputs[0]
+        job_rows = unique_rows(read_rows(output))
         settings = [str(o) for o in OmegaConf.load(overrides) if not str(o).startswith(("data.", "output."))]
         row = {"setting": " ".join(settings) or "(defaults)",
-               "visual_tokens": result["visual_tokens_kept_mean"],
-               **{c: g["accuracy"] for c, g in result["by_category"].items()},
-               "overall": result["overall"]["accuracy"], "ci95": result["overall"]["ci95"],
-               "errors": result["overall"]["errors"], "metric": result["metric"],
-               "output": str(outputs[0])}  # fmt: skip
-        rows.append(row)
+               "visual_tokens": _mean(job_rows, "visual_tokens_kept"), "rows": len(job_rows),
+               "errors": sum(bool(r.get("error")) for r in job_rows),
+               "overall": None, "ci95": None, "wrong": None, "metric": None}  # fmt: skip
+        if any(_scored(r) for r in job_rows):
+            job_metric, judge = scoring_settings(output, metric, judge_overrides)
+            if judge is not None and _judge_problems(output, judge):
+                raise ValueError(_judge_problems(output, judge))
+            result = score_file(output, metric=job_metric, judge=judge, rows=job_rows,
+                                rule=recorded_rule(output, rule))
+            row.update({c: g["accuracy"] for c, g in result["by_category"].items()},
+                       overall=result["overall"]["accuracy"], ci95=result["overall"]["ci95"],
+                       wrong=result["overall"]["wrong"], metric=result["metric"])  # fmt: skip
+        else:
+            row["note"] = NOT_SCORABLE
+        rows.append({**row, "output": str(output)})
     if not rows:
         raise ValueError(f"{folder}: no job folders with .hydra/overrides.yaml (is it a -m sweep's folder?)")
     full = [r for r in rows if "compression=none" in r["setting"].split()]
@@ -583,55 +411,77 @@ def sweep_table(folder: str | os.PathLike, metric: str | None = None, judge: Jud
     return rows
 
 
+_SWEEP_COLUMNS = ("setting", "visual_tokens", "overall", "ci95", "rows", "wrong", "errors", "retention",
+                  "metric", "note", "output")  # fmt: skip
+
+
 def format_sweep(rows: list[dict]) -> str:
-    """The sweep table as Markdown."""
-    columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in ("output", "metric")]
+    """The sweep table as Markdown: the setting, visual tokens, accuracy per category, overall and ci95,
+    rows, wrong answers, error rows, retention, metric (and a note on a job that cannot be scored)."""
+    categories = [c for c in dict.fromkeys(k for row in rows for k in row) if c not in _SWEEP_COLUMNS]
+    columns = ["setting", "visual_tokens", *categories, "overall", "ci95", "rows", "wrong", "errors",
+               "retention", "metric"] + (["note"] if any(r.get("note") for r in rows) else [])  # fmt: skip
     return markdown_table(rows, columns, _cell)
 
 
 # ------------------------------------------------------------------------------------------------- CLI
 
 
+def _temperature(text: str) -> float | None:
+    """--judge-temperature: a number, or `default` (not sent: the API's default)."""
+    return None if text.lower() in ("default", "none", "null") else float(text)
+
+
 def main(argv: list[str] | None = None) -> dict | list[dict]:
-    parser = argparse.ArgumentParser(description="Score a job's predictions (exact, multiple choice or an "
-                                                 "LLM judge), per category and overall.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description="Score a job's predictions (exact, multiple choice or an LLM judge), per category and "
+                    "overall. The metric and judge settings come from the job's <stem>.scoring.json when it "
+                    "has one; a flag given overrides it.")  # fmt: skip
     parser.add_argument("output", help="the job's output (.jsonl or .parquet), or a -m sweep's folder")
     parser.add_argument("--metric", choices=METRICS, default=None,
-                        help="default: choice when any row has options, else exact; judge when --judge-url")
+                        help="default: the recorded one, else choice when any row has options, else exact; "
+                             "judge when --judge-url")  # fmt: skip
+    parser.add_argument("--rule", choices=tuple(RULES), default=None,
+                        help="multiple choice: how a reply's letter is read (default: the recorded one, the "
+                             "set's own; a manifest: lmms_eval)")  # fmt: skip
     parser.add_argument("--scores", default=None,
                         help="the scores file (default <stem>.scores.json; a sweep: scores_table.json)")
-    defaults = JudgeConfig()
-    parser.add_argument("--judge-url", default=None,
+    given = argparse.SUPPRESS  # a judge flag not given leaves the recorded setting (or the default)
+    parser.add_argument("--judge-url", default=given,
                         help="OpenAI-compatible base URL, e.g. http://host:8000/v1 (implies --metric judge)")
-    parser.add_argument("--judge-model", default=None)
-    parser.add_argument("--judge-key-env", default=defaults.key_env,
+    parser.add_argument("--judge-model", default=given)
+    parser.add_argument("--judge-key-env", default=given,
                         help="env var holding the API key (unset: a placeholder key, for local endpoints)")
-    parser.add_argument("--judge-concurrency", type=int, default=defaults.concurrency)
-    parser.add_argument("--judge-retries", type=int, default=defaults.retries)
-    parser.add_argument("--judge-timeout", type=float, default=defaults.timeout, help="seconds per request")
-    parser.add_argument("--judge-backoff", type=float, default=defaults.backoff,
+    parser.add_argument("--judge-temperature", type=_temperature, default=given,
+                        help="a number, or 'default': not sent, the API's default, as Video-LLaVA's script")
+    parser.add_argument("--judge-reask", type=int, default=given,
+                        help="ask an empty or unparseable reply again up to this many times (default 5)")
+    parser.add_argument("--judge-concurrency", type=int, default=given)
+    parser.add_argument("--judge-retries", type=int, default=given)
+    parser.add_argument("--judge-timeout", type=float, default=given, help="seconds per request")
+    parser.add_argument("--judge-backoff", type=float, default=given,
                         help="seconds before the first retry, doubled each time")
-    parser.add_argument("--judge-store", default=None, help="verdict store (default <stem>.verdicts.sqlite)")
+    parser.add_argument("--judge-store", default=given, help="verdict store (default <stem>.verdicts.sqlite)")
     args = parser.parse_args(argv)
-    metric = args.metric or ("judge" if args.judge_url else None)
-    judge = None
-    if metric == "judge":
-        judge = JudgeConfig(url=args.judge_url, model=args.judge_model, key_env=args.judge_key_env,
-                            concurrency=args.judge_concurrency, retries=args.judge_retries,
-                            timeout=args.judge_timeout, store=args.judge_store, backoff=args.judge_backoff)
-        if judge.problems():
-            parser.error("; ".join(p.replace("judge.", "--judge-") for p in judge.problems()))
-    if Path(args.output).is_dir():
-        rows = sweep_table(args.output, metric=metric, judge=judge)
-        table = format_sweep(rows)
-        write_text(Path(args.output) / "scores_table.md", table + "\n")
-        write_json(Path(args.scores or Path(args.output) / "scores_table.json"), rows)
-        print(table)
-        return rows
-    rows = read_rows(args.output)
-    if not any(_scored(r) for r in rows):
-        raise SystemExit(f"{args.output}: no row has an answer to score")
-    result = score_file(args.output, metric=metric, judge=judge, scores=args.scores, rows=rows)
+    overrides = {key.removeprefix("judge_"): v for key, v in vars(args).items() if key.startswith("judge_")}
+    try:
+        if Path(args.output).is_dir():
+            rows = sweep_table(args.output, metric=args.metric, judge_overrides=overrides, rule=args.rule)
+            table = format_sweep(rows)
+            write_text(Path(args.output) / "scores_table.md", table + "\n")
+            write_json(Path(args.scores or Path(args.output) / "scores_table.json"), rows)
+            print(table)
+            return rows
+        rows = read_rows(args.output)
+        if not any(_scored(r) for r in rows):
+            raise SystemExit(f"{args.output}: no row has an answer to score")
+        metric, judge = scoring_settings(args.output, args.metric, overrides)
+        if judge is not None and _judge_problems(args.output, judge):
+            parser.error(_judge_problems(args.output, judge))
+        result = score_file(args.output, metric=metric, judge=judge, scores=args.scores, rows=rows,
+                            rule=recorded_rule(args.output, args.rule))
+    except (JudgeError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
     print(format_table(result))
     print(f"written {args.scores or scores_path(args.output)}")
     return result

@@ -10,14 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines.files import write_json
+from pipelines.sink import unique_rows
 
 STAGES = ("decode", "encode", "answer")
 
 
 def summarize(rows: list[dict], this_run: list[dict], stage_seconds: dict[str, float],
               wall_seconds: float) -> dict:
-    """`rows`: the whole output; `this_run`: the rows this run wrote; `stage_seconds`: this run's
-    seconds per stage (see the module doc)."""
+    """`rows`: the whole output (each id counted once, `unique_rows`); `this_run`: the rows this run wrote;
+    `stage_seconds`: this run's seconds per stage (see the module doc)."""
+    rows = unique_rows(rows)
     ok = [r for r in rows if r.get("error") is None]
 
     def mean(key: str) -> float | None:

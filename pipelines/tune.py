@@ -17,7 +17,8 @@ the answer tokens' loss and everything else frozen. Here:
 3. Every `checkpoint_every` steps and at the end, OUT/projector.safetensors (what `model.projector_path`
    loads) and OUT/tune_state.pt (projector, optimizer, schedule, step, losses) are written, each by
    rename, so a killed job resumes from its last checkpoint: the questions of step s are a pure function of
-   (`seed`, s), so a resumed run takes the same steps an uninterrupted one would.
+   (`seed`, s), so a resumed run takes the same steps an uninterrupted one would. One run at a time writes
+   OUT: a second one stops at once, naming the first (which holds OUT/tune.lock: `files.exclusive_lock`).
 
 It runs in this process, on the model's device (`model.device=auto`: the GPU when there is one): training
 is one process. `stages.model.load_projector` checks the shapes on load.
@@ -25,7 +26,6 @@ is one process. `stages.model.load_projector` checks the shapes on load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -46,7 +46,8 @@ from transformers import (
 
 from pipelines.config import TuneConfig, TuneJobConfig, check, tune_problems
 from pipelines.datasets import read_questions
-from pipelines.files import atomic_path, write_json
+from pipelines.files import atomic_path, exclusive_lock, write_json
+from pipelines.fingerprint import model_fingerprint
 from pipelines.job import prepare_model
 from pipelines.manifest import ManifestError, Question, group_by_video
 from stages.answer import AnswerStage, question_text
@@ -58,52 +59,46 @@ from visionzip.video_llava import tokens_per_frame
 
 log = logging.getLogger(__name__)
 STATE = "tune_state.pt"
+LOCK = "tune.lock"  # held by the run tuning into the folder (`pipelines.files.exclusive_lock`)
 
 
 def run_tune(job: TuneJobConfig) -> dict:
     """Tune the projector as `job.tune` says; returns the summary written to OUT/tune.json, less the loss
     of every step."""
-    check(tune_problems(job, tokens_per_frame(prepare_model(job.model))))
+    model_config = prepare_model(job.model)
+    check(tune_problems(job, tokens_per_frame(model_config)))
     cfg = job.tune
     out = Path(cfg.out)
-    questions = read_questions(job.data)
-    unanswered = [q.id for q in questions if not (q.answer or "").strip()]
-    if unanswered:
-        raise ManifestError(
-            f"{job.data.describe()}: tuning needs an answer for every question; none for "
-            f"{len(unanswered)} ids: {', '.join(unanswered[:10])}{' ...' if len(unanswered) > 10 else ''}"
-        )
-    model, tokenizer = load_model(job.model)
-    start = time.perf_counter()
-    tokens, examples, errors = compressed_examples(job, model, questions)
-    if not examples:
-        raise RuntimeError(f"no video of {job.data.describe()} could be encoded: {errors}")
-    log.info("tuning the projector on %d questions about %d videos (%d videos failed)", len(examples),
-             len(tokens), len(errors))
-    # the starting projector's weights, not only the model's path: a checkpoint retrained in the same
-    # folder (or another model.projector_path) must not resume a run tuned from other weights
-    fingerprint = {"data": {key: str(Path(path).resolve()) for key, path in job.data.files().items()},
-                   "questions": len(examples),
-                   "compression": asdict(job.compression), "model": job.model.path,
-                   "projector_start": weights_digest(model.model.multi_modal_projector),
-                   "tune": {k: v for k, v in asdict(cfg).items()
-                            if k not in ("out", "resume", "checkpoint_every", "frame_batch_size")}}
-    losses = tune_projector(model, tokenizer, tokens, examples, cfg, fingerprint)
-    summary = {"projector": str(out / "projector.safetensors"), "steps": cfg.steps,
-               "questions": len(examples), "videos": len(tokens), "errors": errors,
-               "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
-               "seconds": time.perf_counter() - start, **fingerprint}
-    write_json(out / "tune.json", summary)
-    return {**{k: v for k, v in summary.items() if k != "losses"}, "summary": str(out / "tune.json")}
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """sha256 of a module's weights (names, shapes and values as float32)."""
-    digest = hashlib.sha256()
-    for name, value in sorted(module.state_dict().items()):
-        digest.update(f"{name}{tuple(value.shape)}".encode())
-        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    with exclusive_lock(out / LOCK, f"tune.out={out}"):  # one run per folder, held until tune.json
+        questions = read_questions(job.data)
+        unanswered = [q.id for q in questions if not (q.answer or "").strip()]
+        if unanswered:
+            raise ManifestError(
+                f"{job.data.describe()}: tuning needs an answer for every question; none for "
+                f"{len(unanswered)} ids: {', '.join(unanswered[:10])}{' ...' if len(unanswered) > 10 else ''}"
+            )
+        model, tokenizer = load_model(job.model)
+        start = time.perf_counter()
+        tokens, examples, errors = compressed_examples(job, model, questions)
+        if not examples:
+            raise RuntimeError(f"no video of {job.data.describe()} could be encoded: {errors}")
+        log.info("tuning the projector on %d questions about %d videos (%d videos failed)", len(examples),
+                 len(tokens), len(errors))
+        # the model's weights (the checkpoint's and the starting projector's digests), not only its path: a
+        # checkpoint retrained in the same folder (or another model.projector_path) must not resume a run
+        # tuned from other weights
+        fingerprint = {"data": {key: str(Path(path).resolve()) for key, path in job.data.files().items()},
+                       "questions": len(examples), "compression": asdict(job.compression),
+                       "model": model_fingerprint(job.model, model_config),
+                       "tune": {k: v for k, v in asdict(cfg).items()
+                                if k not in ("out", "resume", "checkpoint_every", "frame_batch_size")}}
+        losses = tune_projector(model, tokenizer, tokens, examples, cfg, fingerprint)
+        summary = {"projector": str(out / "projector.safetensors"), "steps": cfg.steps,
+                   "questions": len(examples), "videos": len(tokens), "errors": errors,
+                   "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+                   "seconds": time.perf_counter() - start, **fingerprint}
+        write_json(out / "tune.json", summary)
+        return {**{k: v for k, v in summary.items() if k != "losses"}, "summary": str(out / "tune.json")}
 
 
 def tune_projector(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,

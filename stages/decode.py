@@ -7,40 +7,56 @@ frames asked for; everything else - which frames to take - is decided here by pu
 same request gives the same frames whichever backend runs it.
 
 Semantics, shared by both backends:
-- Frame index i = the i-th frame in presentation order (frames sorted by pts, i.e. the order a player
-  shows them and the decoder outputs them). Variable frame rate does not change this: indices count
+- Frame index i = the i-th frame in presentation order: the order the decoder outputs frames and a
+  player shows them, which is the frames sorted by pts except in files whose pts are attached to the
+  wrong pictures (AVI with packed B-frames). Variable frame rate does not change this: indices count
   frames, timestamps come from each frame's pts.
-- Frame count and timestamps come from the frame table that `decode_pyav` builds without decoding (the
-  container's sample index, or a demux-only scan of the packets; see that module). `stream.frames` in
+- Frame count and timestamps are those of the frames that really decode. They come from the frame table
+  of `decode_pyav` (see that module): for most files counted from the container without decoding (the
+  sample index, or a demux-only scan of the packets); for GIF, whose demuxer can list a packet that is
+  no picture, from decoding every frame. A counted table can still be wrong (a packet with no frame, a
+  broken index): when a read finds that out, the reader rebuilds the table by decoding and the request
+  is sampled again from it, so a phantom frame gives the right frames, not an error. `stream.frames` in
   the header is not trusted (0 for mkv/webm, wrong for some files). A timestamp is the frame's pts in
   seconds counted from the first frame's pts, so the first frame is at 0.0.
 - Window (`start`/`end` seconds, default the whole video): the frames shown at some moment of
   [start, end), i.e. from the frame on screen at `start` to the last frame that starts before `end`.
   `start` at or past the end of the video, or `end` past it, is an error (a clip the video does not
   contain is a bad request, not something to clamp silently).
-- `uniform`: n frames at round(linspace(first, last, n)) over the window (rounded half up; Video-LLaVA's
-  reference code truncates instead, which can differ by one frame). Short-video policy: the output
-  always has exactly n frames; a window with fewer than n frames repeats frames (the linspace rounding
-  maps several positions to one frame), because Video-LLaVA needs a fixed frame count. Repeated frames
-  are decoded once.
+- `uniform`: n frames spread evenly over the window, exactly as Video-LLaVA's reference samples a video
+  for training and evaluation (`load_and_transform_video` in its languagebind/video/processing_video.py;
+  the decord backend, its config's default, and the opencv one run `np.linspace(0, duration-1,
+  num_frames, dtype=int)` with `duration` the frame count: positions truncated). A window is sampled as
+  if it were the whole video: first + that line over the window's frames.
+  `rounding=round` rounds the positions half up instead (this project's rule before it followed the
+  reference; it can differ by one frame). Short-video policy, the reference's: the output always has
+  exactly n frames; a window with fewer than n frames repeats frames (several positions land on one
+  frame), because Video-LLaVA needs a fixed frame count. Repeated frames are decoded once.
 - `fps`: the frame on screen at start, start + 1/fps, ... (before end); more than `max_frames` such
-  times are thinned evenly (the same rounded linspace over the candidates). A rate above the video's
-  repeats frames, like `uniform` does.
+  times are thinned evenly (the same spread, with the same `rounding`, over the candidates). A rate
+  above the video's repeats frames, like `uniform` does.
 - `indices`: exactly those frame indices, in the order given (repeats allowed).
 - `size`: the shortest side is scaled to `size` (up or down), aspect kept, inside the decoder's filter
   graph, so full-size frames never leave the backend. Rotation metadata is applied first, so frames are
   upright and `meta.width/height` are the upright size before resizing.
 - Bit-identical backends: both convert with FFmpeg's `scale` filter (bilinear) to rgb24 after the
-  rotation transposes, so for 8-bit sources frames are identical at any size. The one known exception:
-  high-bit-depth sources (e.g. yuv420p10le) at native size, where decord's FFmpeg 4.1 and PyAV's newer
-  FFmpeg take different unscaled conversion paths (mean difference about 1 level); resized, they match.
+  rotation transposes, so for 8-bit sources frames are identical at any size. The known exceptions are
+  both at native size, where decord's FFmpeg 4.1 and PyAV's newer FFmpeg take different unscaled
+  conversion paths: high-bit-depth sources (e.g. yuv420p10le; mean difference about 1 level) and
+  4:2:0 sources with an odd width or height (e.g. 427x241 VP9: mean 0.3 levels, at most 12); resized
+  to any other size, they match.
 - `recover=True`: frames that cannot be decoded (corrupt or missing data) are left out instead of
   failing the whole request; `Frames.dropped` lists them. It is an error only if nothing decodes.
+- A backend that cannot read a file says so, and names the other where that one reads it (decord
+  cannot read GIF at all: "decord cannot read GIF files ...; decode.backend=pyav reads it"). It never
+  switches backends by itself: the two may differ on such files (that is why one fails), and the
+  output fingerprint records the backend.
 
-Backend contract (see BACKENDS): a reader class `(path, *, size, threads, recover)` used as a context
-manager, with `timestamps` (float64 [N]), `duration`, `meta` and
-`read(unique ascending indices) -> (uint8 [U, H, W, 3], decoded bool [U])`. A reader is opened per
-call and used by one thread only.
+Backend contract (see BACKENDS): a reader class `(path, *, size, threads, recover, remote)` used as a
+context manager (`path` a file or a URL, `remote` the URL's transfer settings), with `timestamps`
+(float64 [N]), `duration`, `meta` and `read(unique ascending indices) -> (uint8 [U, H, W, 3], decoded
+bool [U])`, which may raise FrameTableChanged once (then `timestamps` and `duration` are the new
+table's, and the caller samples again). A reader is opened per call and used by one thread only.
 """
 
 from __future__ import annotations
@@ -56,10 +72,12 @@ from pathlib import Path
 import numpy as np
 
 from stages.columns import RowErrors, is_missing
+from stages.remote import RemoteConfig, RemoteError, is_remote, local_path
 
 BACKENDS = {"pyav": "stages.decode_pyav:PyAVReader", "decord": "stages.decode_decord:DecordReader"}
 DEFAULT_BACKEND = "pyav"  # faster for sparse requests on long videos: see bench/results/decode.json
 STRATEGIES = ("uniform", "fps", "indices")
+ROUNDINGS = ("truncate", "round")  # how an even spread lands on frames: Video-LLaVA's reference, or half up
 
 
 class DecodeError(Exception):
@@ -69,6 +87,14 @@ class DecodeError(Exception):
         super().__init__(f"{os.fspath(path)}: {cause}")
         self.path = os.fspath(path)
         self.cause = cause
+
+
+class FrameTableChanged(Exception):
+    """A reader found that its frame table listed frames that do not decode as listed, and rebuilt it
+    from decoding: the request must be sampled again from the reader's new `timestamps`."""
+
+    def __init__(self, path: str | os.PathLike, why: str):
+        super().__init__(f"{os.fspath(path)}: frame table rebuilt from decoding: {why}")
 
 
 @dataclass(frozen=True)
@@ -100,9 +126,17 @@ class Frames:
 # ---------------------------------------------------------------- pure sampling logic (both backends)
 
 
-def rounded_linspace(first: float, last: float, n: int) -> np.ndarray:
-    """round(linspace(first, last, n)), halves rounded up: the positions of an even spread of n."""
-    return np.floor(np.linspace(first, last, n) + 0.5).astype(np.int64)
+def even_spread(first: int, last: int, n: int, rounding: str = "truncate") -> np.ndarray:
+    """n indices spread evenly over first..last (both included), int64.
+
+    `truncate`: Video-LLaVA's reference line on the range as if it were a whole video,
+    first + np.linspace(0, last - first, n, dtype=int); `round`: round(linspace(first, last, n)), halves up.
+    """
+    if rounding == "truncate":
+        return first + np.linspace(0, last - first, n, dtype=np.int64)
+    if rounding == "round":
+        return np.floor(np.linspace(first, last, n) + 0.5).astype(np.int64)
+    raise ValueError(f"rounding={rounding!r}: choose one of {', '.join(ROUNDINGS)}")
 
 
 def frame_window(
@@ -121,12 +155,14 @@ def frame_window(
     return first, max(first, last)
 
 
-def fps_times(start: float, end: float, fps: float, max_frames: int) -> np.ndarray:
+def fps_times(
+    start: float, end: float, fps: float, max_frames: int, rounding: str = "truncate"
+) -> np.ndarray:
     """Sampling times start, start + 1/fps, ... before end, thinned evenly to at most max_frames."""
     count = max(1, math.ceil((end - start) * fps - 1e-9))
     times = start + np.arange(count) / fps
     if count > max_frames:
-        times = times[rounded_linspace(0, count - 1, max_frames)]
+        times = times[even_spread(0, count - 1, max_frames, rounding)]
     return times
 
 
@@ -141,6 +177,7 @@ def sample_indices(
     fps: float | None = None,
     max_frames: int = 64,
     indices: Sequence[int] | np.ndarray | None = None,
+    rounding: str = "truncate",
 ) -> np.ndarray:
     """The frame indices a request asks for, given the video's frame timestamps (see module docstring).
 
@@ -155,10 +192,10 @@ def sample_indices(
         return wanted
     first, last = frame_window(timestamps, duration, start, end)
     if strategy == "uniform":
-        return rounded_linspace(first, last, num_frames)
+        return even_spread(first, last, num_frames, rounding)
     window_start = float(timestamps[first]) if start is None else float(start)
     window_end = duration if end is None else float(end)
-    times = fps_times(window_start, window_end, fps, max_frames)
+    times = fps_times(window_start, window_end, fps, max_frames, rounding)
     picked = np.searchsorted(timestamps, times + 1e-6, side="right") - 1
     return np.clip(picked, first, last).astype(np.int64)
 
@@ -186,6 +223,7 @@ def request_problems(
     size: int | None = None,
     backend: str = DEFAULT_BACKEND,
     threads: int = 0,
+    rounding: str = "truncate",
 ) -> list[str]:
     """Everything wrong with a request whatever the video, each problem naming its argument: the one
     place decode settings are checked (`DecodeConfig.problems`, `read_frames`)."""
@@ -195,6 +233,9 @@ def request_problems(
     if strategy not in STRATEGIES:
         problems.append(f"strategy={strategy!r}: unknown sampling strategy; choose one of "
                         f"{', '.join(STRATEGIES)}")
+    if rounding not in ROUNDINGS:
+        problems.append(f"rounding={rounding!r}: choose one of {', '.join(ROUNDINGS)} (truncate: "
+                        "Video-LLaVA's reference sampling)")
     if strategy == "uniform" and num_frames < 1:
         problems.append(f"num_frames={num_frames} must be >= 1")
     if strategy == "fps" and (fps is None or not fps > 0):
@@ -228,17 +269,19 @@ class DecodeConfig:
     backend: str = DEFAULT_BACKEND
     num_frames: int = 8  # strategy uniform: Video-LLaVA's default
     strategy: str = "uniform"  # uniform | fps (per video; `indices` is for `read_frames` only)
+    rounding: str = "truncate"  # even spreads (uniform, fps thinning): truncate (Video-LLaVA's) | round
     fps: float | None = None  # strategy fps: one frame every 1/fps seconds ...
     max_frames: int = 64  # ... evenly thinned past this cap
     size: int | None = 224  # shortest side resized at decode time (None: keep)
     recover: bool = False  # leave out frames that cannot be decoded instead of failing the video
     threads: int = 1  # decoder threads per video (0 = FFmpeg's choice); 1 matches a decode actor's 1 CPU
+    remote: RemoteConfig = field(default_factory=RemoteConfig)  # URL videos: tries, timeout, block sizes
 
     def problems(self) -> list[str]:
-        found = request_problems(**{k: v for k, v in asdict(self).items() if k != "recover"})
+        found = request_problems(**{k: v for k, v in asdict(self).items() if k not in ("recover", "remote")})
         if self.strategy == "indices":
             found.append("strategy 'indices' is for read_frames only: a stage samples each video itself")
-        return found
+        return found + [f"remote.{problem}" for problem in self.remote.problems()]
 
 
 def _raise_problems(problems: list[str], what: str) -> None:
@@ -268,29 +311,45 @@ def read_frames(
     size: int | None = None,
     recover: bool = False,
     threads: int = 0,
+    rounding: str = "truncate",
+    remote: RemoteConfig | None = None,
 ) -> Frames:
     """Decode the frames a request asks for from one video file (semantics: module docstring).
 
     Raises ValueError for a request that is wrong whatever the video, DecodeError (naming the file) for
     everything about this file: missing, unreadable, no video stream, window outside it, corrupt data.
-    `threads` = decoder threads (0 = FFmpeg's choice; 1 inside single-CPU workers).
+    `threads` = decoder threads (0 = FFmpeg's choice; 1 inside single-CPU workers). `path` may be a URL,
+    read with `remote`'s settings (`stages.remote`); a transfer that fails is a DecodeError too.
     """
     _raise_problems(request_problems(strategy=strategy, num_frames=num_frames, start=start, end=end, fps=fps,
                                      max_frames=max_frames, indices=indices, size=size, backend=backend,
-                                     threads=threads), "decode request")
-    path = os.fspath(path)
-    if not Path(path).is_file():
+                                     threads=threads, rounding=rounding), "decode request")
+    path = local_path(os.fspath(path))
+    if not is_remote(path) and not Path(path).is_file():
         raise DecodeError(path, "no such file" if not Path(path).exists() else "not a regular file")
-    with _reader_class(backend)(path, size=size, threads=threads, recover=recover) as reader:
+
+    def sample(reader) -> np.ndarray:
         try:
-            wanted = sample_indices(reader.timestamps, reader.duration, strategy=strategy,
-                                    num_frames=num_frames, start=start, end=end, fps=fps,
-                                    max_frames=max_frames, indices=indices)
+            return sample_indices(reader.timestamps, reader.duration, strategy=strategy,
+                                  num_frames=num_frames, start=start, end=end, fps=fps,
+                                  max_frames=max_frames, indices=indices, rounding=rounding)
         except ValueError as e:
             raise DecodeError(path, str(e)) from None
-        unique = np.unique(wanted)
-        frames, decoded = reader.read(unique)
-        meta = reader.meta
+
+    try:
+        reader_class = _reader_class(backend)
+        with reader_class(path, size=size, threads=threads, recover=recover, remote=remote) as reader:
+            wanted = sample(reader)
+            unique = np.unique(wanted)
+            try:
+                frames, decoded = reader.read(unique)
+            except FrameTableChanged:  # the table counted frames that do not decode; now it lists those
+                wanted = sample(reader)
+                unique = np.unique(wanted)
+                frames, decoded = reader.read(unique)
+            meta = reader.meta
+    except RemoteError as e:  # opening the URL, or a read inside FFmpeg, failed after its retries
+        raise DecodeError(path, e.cause) from None
     slot = np.searchsorted(unique, wanted)
     keep = decoded[slot]
     if not keep.any():
@@ -333,7 +392,7 @@ class DecodeStage:
     def __init__(self, config: DecodeConfig | None = None) -> None:
         config = config or DecodeConfig()
         _raise_problems(config.problems(), "decode settings")
-        self.options = asdict(config)
+        self.options = {**asdict(config), "remote": config.remote}
 
     def __call__(self, batch: dict[str, np.ndarray | list]) -> dict:
         videos = list(batch["video"])

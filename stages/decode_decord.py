@@ -1,9 +1,18 @@
 """decord backend of the decode stage.
 
 The frame table, timestamps and metadata come from `decode_pyav.PyAVReader` (header and index only,
-plus the first frame for rotation and pixel format), so both backends sample the same indices; decord
-then decodes them with `get_batch`. decord's own frame list is the pts-sorted list of all packets, the
-same order as ours; its count must equal the table's or the request fails rather than mixing up frames.
+plus the first frame for rotation and pixel format; for GIF a full decode), so both backends sample the
+same indices; decord then decodes them with `get_batch`. decord's own frame list is the pts-sorted list
+of all packets, the same order as ours; its count must equal the table's or the request fails rather
+than mixing up frames. decord cannot tell a packet that is no picture (a phantom frame) from a frame,
+so wanted frames in the last GOP, where such packets mostly are, are first decoded by PyAV (one GOP
+more per read); a phantom found there rebuilds the table and makes the counts differ, an error that
+names pyav. A phantom earlier in a long file shifts decord's indices after it by one, unnoticed.
+
+A file decord cannot read is an error that says why and whether `decode.backend=pyav` reads it: the
+PyAV reader tries the same frames, and the message names it only when it succeeds. There is no silent
+switch (the frames could differ from decord's, under the same fingerprint). decord 0.6 cannot read
+GIF at all (every GIF fails with "broken metadata"), so GIFs are refused without trying.
 
 decord pitfalls handled here:
 - A `VideoReader` left alive after `get_batch` keeps decoding in a background thread and grows memory
@@ -13,17 +22,24 @@ decord pitfalls handled here:
   `scale=W:H` and rgb24 conversion); in other containers it ignores rotation, so a rotated non-mp4 file
   is refused here rather than returned sideways.
 - decord cannot resume after a decode error, so `recover=True` re-reads a failing file with PyAV.
+- decord reads only local files (given a file object it reads the whole object into memory), so a URL
+  video is downloaded whole to a temporary file first (`stages.remote.download`), deleted on `close`;
+  `decode.backend=pyav` reads only the byte ranges it needs.
 """
 
 from __future__ import annotations
 
+import os
+import posixpath
 import re
+from urllib.parse import urlsplit
 
 import decord
 import numpy as np
 
 from stages.decode import DecodeError, VideoMeta, resized_shape
 from stages.decode_pyav import PyAVReader
+from stages.remote import RemoteConfig, download, is_remote
 
 _ROTATING_CONTAINERS = ("mov", "mp4")
 _LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
@@ -32,13 +48,26 @@ _LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 class DecordReader:
     """Same interface as PyAVReader: `timestamps`, `duration`, `meta`, `read(indices)`."""
 
-    def __init__(self, path: str, *, size: int | None = None, threads: int = 0, recover: bool = False):
+    def __init__(self, path: str, *, size: int | None = None, threads: int = 0, recover: bool = False,
+                 remote: RemoteConfig | None = None):
         # decord's FFmpeg log lines duplicate our DecodeError messages; set on use, not on import
         decord.logging.set_level(decord.logging.QUIET)
         self.path, self.size, self.threads, self.recover = path, size, threads, recover
-        self._index = PyAVReader(path, size=size, threads=threads, recover=recover)
-        self.timestamps = self._index.timestamps
-        self.duration = self._index.duration
+        suffix = posixpath.splitext(urlsplit(path).path)[1]
+        self._copy = download(path, remote, suffix=suffix) if is_remote(path) else None  # decord needs a file
+        try:
+            self._index = PyAVReader(path, size=size, threads=threads, recover=recover, local_copy=self._copy)
+        except BaseException:
+            self._drop_copy()
+            raise
+
+    @property
+    def timestamps(self) -> np.ndarray:
+        return self._index.timestamps  # the PyAV reader's, also after it rebuilt its table
+
+    @property
+    def duration(self) -> float:
+        return self._index.duration
 
     @property
     def meta(self) -> VideoMeta:
@@ -47,18 +76,20 @@ class DecordReader:
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Decode the frames at these (unique, ascending) indices: (uint8 [U, H, W, 3], decoded bool [U])."""
         meta = self.meta
-        if meta.rotation and not any(c in meta.container.split(",") for c in _ROTATING_CONTAINERS):
-            raise DecodeError(
-                self.path, f"decord ignores rotation in {meta.container} files; use backend='pyav'"
-            )
+        containers = meta.container.split(",")
+        if "gif" in containers:
+            raise self._refusal("decord 0.6 cannot read GIF files", indices)
+        if meta.rotation and not any(c in containers for c in _ROTATING_CONTAINERS):
+            raise self._refusal(f"decord ignores rotation in {meta.container} files", indices)
+        self._check_last_gop(indices)
         width, height = resized_shape(meta.width, meta.height, self.size) if self.size else (-1, -1)
         todo = [int(i) for i in indices]
         try:
             batch = self._get_batch(todo, width, height, meta.num_frames)
-        except DecodeError:
+        except DecodeError as e:
             if self.recover:
                 return self._index.read(indices)
-            raise
+            raise self._refusal(e.cause, indices) from None
         want = (meta.height, meta.width) if self.size is None else (height, width)
         if batch.shape[1:3] != want:
             raise DecodeError(self.path, f"decord returned {batch.shape[1:3]} frames, expected {want}")
@@ -66,15 +97,13 @@ class DecordReader:
 
     def _get_batch(self, todo: list[int], width: int, height: int, num_frames: int) -> np.ndarray:
         try:
-            reader = decord.VideoReader(self.path, width=width, height=height, num_threads=self.threads)
+            reader = decord.VideoReader(self._copy or self.path, width=width, height=height,
+                                        num_threads=self.threads)
         except (decord.DECORDError, RuntimeError) as e:
             raise DecodeError(self.path, f"decord cannot open it ({_first_line(e)})") from None
         try:
             if len(reader) != num_frames:
-                raise DecodeError(
-                    self.path,
-                    f"decord counts {len(reader)} frames, the container {num_frames}; use backend='pyav'",
-                )
+                raise DecodeError(self.path, f"decord counts {len(reader)} frames, the video {num_frames}")
             return reader.get_batch(todo).asnumpy()
         except decord.DECORDError as e:
             raise DecodeError(self.path, f"decord failed to decode ({_first_line(e)})") from None
@@ -85,8 +114,38 @@ class DecordReader:
                 pass  # a reader whose worker already failed has nothing left running
             del reader
 
+    def _check_last_gop(self, indices: np.ndarray) -> None:
+        """decord counts packets, and for a packet that is no picture it returns some other picture. Such
+        packets mostly trail the file, so wanted frames from the last keyframe on are first decoded by
+        the PyAV reader, whose FrameTableChanged (they are not there as listed) propagates. Damage is
+        left for decord to report."""
+        table = self._index.table
+        if table.source == "decoded" or len(table.key_pts) == 0:
+            return
+        tail = indices[indices >= np.searchsorted(table.pts, table.key_pts[-1])]
+        if len(tail):
+            try:
+                self._index.read(tail)
+            except DecodeError:
+                pass
+
+    def _refusal(self, why: str, indices: np.ndarray) -> DecodeError:
+        """decord cannot read this file: the error says why, and whether the PyAV backend reads the same
+        frames (it tries; a FrameTableChanged from that try propagates, and the caller samples again)."""
+        try:
+            self._index.read(indices)
+        except DecodeError as e:
+            return DecodeError(self.path, f"{why}; decode.backend=pyav cannot read it either ({e.cause})")
+        return DecodeError(self.path, f"{why}; decode.backend=pyav reads it")
+
     def close(self) -> None:
         self._index.close()
+        self._drop_copy()
+
+    def _drop_copy(self) -> None:
+        if self._copy is not None:
+            os.unlink(self._copy)
+            self._copy = None
 
     def __enter__(self) -> DecordReader:
         return self

@@ -20,7 +20,7 @@ from transformers import VideoLlavaForConditionalGeneration
 from stages.columns import RowErrors, to_column
 from stages.model import ModelConfig, load_model
 from stages.preprocess import ClipPreprocess, check_frames
-from visionzip import merge_frames, zip_clip
+from visionzip import MergeResult, ZipResult, merge_frames, zip_clip
 from visionzip.baselines import pool_grid, random_patch_index
 from visionzip.temporal import MATCH_MODES, POSITION_MODES
 from visionzip.video_llava import COMPRESSION_METHODS, feature_layer, frame_tokens, project, tokens_per_frame
@@ -35,6 +35,15 @@ class EncodedVideo:
     visual_tokens_after_zip: int  # T * (dominant + contextual) (= full for compression "none")
     visual_tokens_kept: int  # M, after temporal merging: what the LLM reads
     encode_seconds: float  # the batch's wall time, shared out by frame count
+
+
+@dataclass
+class TokenSelection:
+    """What VisionZip and temporal merging kept of one video's frames (`EncodeStage.selection`)."""
+
+    pixels: torch.Tensor  # [T, 3, H, W]: the preprocessed frames the tower saw
+    zipped: ZipResult  # per frame: dominant_index, contextual_assignment
+    merged: MergeResult | None  # temporal merging (group_of: each token's group); None when it is off
 
 
 @dataclass
@@ -194,12 +203,8 @@ class EncodeStage:
         c = self.compression
         positional = c.temporal.enabled and c.temporal.match in POSITION_MODES
         if positional and c.method == "visionzip":  # frame_tokens' own call, keeping the dominant positions
-            zipped = zip_clip(self.model.model.video_tower, pixels, dominant=c.dominant,
-                              contextual=c.contextual, layer=feature_layer(self.model))
-            slots = -2 - torch.arange(c.contextual, device=pixels.device)  # contextual token j: slot j
-            contextual = slots if c.temporal.fold_contextual else torch.full_like(slots, -1)
-            positions = torch.cat([zipped.dominant_index - 1, contextual.expand(len(pixels), -1)], dim=1)
-            return zipped.tokens, positions
+            zipped = self._zip(pixels)
+            return zipped.tokens, self._zip_positions(zipped)
         tokens = frame_tokens(self.model, pixels, method=c.method, dominant=c.dominant,
                               contextual=c.contextual, seed=seeds)
         if not positional:
@@ -213,16 +218,47 @@ class EncodeStage:
             return tokens, torch.full((frames, k), -1, device=tokens.device)
         return tokens, index - 1
 
+    def _zip(self, pixels: torch.Tensor) -> ZipResult:
+        """VisionZip on preprocessed frames, as `frame_tokens` runs it for method=visionzip."""
+        c = self.compression
+        return zip_clip(self.model.model.video_tower, pixels, dominant=c.dominant, contextual=c.contextual,
+                        layer=feature_layer(self.model))
+
+    def _zip_positions(self, zipped: ZipResult) -> torch.Tensor:
+        """[F, K] patch position of each VisionZip token for the position modes (see `_frame_tokens`)."""
+        c = self.compression
+        slots = -2 - torch.arange(c.contextual, device=zipped.tokens.device)  # contextual token j: slot j
+        contextual = slots if c.temporal.fold_contextual else torch.full_like(slots, -1)
+        return torch.cat([zipped.dominant_index - 1, contextual.expand(len(zipped.tokens), -1)], dim=1)
+
     def _merge(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """[T, K, D] -> [M, D]: temporal merging when enabled (CLS of each frame protected), else flatten.
         `positions` [T, K]: each token's patch position (-1: none), for the position modes."""
-        temporal = self.compression.temporal
-        if not temporal.enabled:
+        if not self.compression.temporal.enabled:
             return tokens.flatten(0, 1)
-        merged = merge_frames(tokens, temporal.threshold, protect_first=True, max_tokens=temporal.max_tokens,
-                              match=temporal.match, positions=positions, radius=temporal.radius,
-                              grid_width=math.isqrt(self.full_per_frame - 1))  # fmt: skip
-        return merged.tokens
+        return self._merge_result(tokens, positions).tokens
+
+    def _merge_result(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> MergeResult:
+        """`merge_frames` of one video's [T, K, D] tokens with the job's temporal settings."""
+        temporal = self.compression.temporal
+        return merge_frames(tokens, temporal.threshold, protect_first=True, max_tokens=temporal.max_tokens,
+                            match=temporal.match, positions=positions, radius=temporal.radius,
+                            grid_width=math.isqrt(self.full_per_frame - 1))  # fmt: skip
+
+    @torch.inference_mode()
+    def selection(self, frames: np.ndarray | torch.Tensor) -> TokenSelection:
+        """Which patches of one video's frames (uint8 [T, H, W, 3]) VisionZip keeps, merges into its
+        contextual tokens, and temporal merging folds: the same calls `encode` makes, for pictures
+        (`pipelines.show_kept`). Needs compression method=visionzip."""
+        if self.compression.method != "visionzip":
+            raise ValueError(f"compression.method={self.compression.method!r}: the selection is VisionZip's, "
+                             "use compression=visionzip or compression=visionzip_temporal")
+        frames = check_frames(frames, "frames")
+        pixels = self.preprocess(frames, self.model.device, self.model.dtype)
+        zipped = self._zip(pixels)
+        merged = (self._merge_result(zipped.tokens, self._zip_positions(zipped))
+                  if self.compression.temporal.enabled else None)
+        return TokenSelection(pixels, zipped, merged)
 
     def __call__(self, batch: dict) -> dict:
         """Ray Data / local batch: column `frames` (uint8 [T, H, W, 3] per row) -> embeddings and stats.

@@ -114,14 +114,7 @@ def build_tiny_video_llava(folder: str | os.PathLike, seed: int = 0) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = VideoLlavaForConditionalGeneration(tiny_config(tokenizer))
-        model.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        VideoLlavaImageProcessor().save_pretrained(tmp)
+        write_checkpoint(model, tokenizer, tmp)
         (tmp / _BUILD_MARKER).write_text(json.dumps(marker) + "\n")
         if _read_marker(folder) == marker:  # another process finished first
             return folder
@@ -135,6 +128,21 @@ def build_tiny_video_llava(folder: str | os.PathLike, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def write_checkpoint(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+                     folder: str | os.PathLike) -> Path:
+    """Save a built Video-LLaVA as a checkpoint folder `load_video_llava` reads: safetensors weights, config,
+    a generation config with the tokenizer's special tokens, the tokenizer and an image processor."""
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    VideoLlavaImageProcessor().save_pretrained(folder)
+    return Path(folder)
 
 
 def _read_marker(folder: Path) -> dict | None:

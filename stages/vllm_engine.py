@@ -16,8 +16,6 @@ engine in another process, so a script that builds one needs an `if __name__ == 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import gc
 import hashlib
 import json
@@ -26,6 +24,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, PreTrainedTokenizerBase
 
+from pipelines.files import waiting_lock
+from pipelines.fingerprint import DIGESTS_FILE, file_digests
+from stages.engine import (
+    Answer,
+    Conversation,
+    Sampling,
+    Video,
+    answer_text,
+    check_video,
+    expanded_length,
+    position_problems,
+    spliced,
+    until_eos,
+)
 from stages.model import ModelConfig, checkpoint_tensors, read_model_config, resolve_dtype
+from stages.prompts import PromptBuilder, PromptIds, Templates
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +59,7 @@ _EXPORT_VERSION = 1  # bump when the export's layout changes, so cached exports 
 # checkpoint name (transformers 5) -> plain Llama name
 _LLAMA_NAMES = (("model.language_model.", "model."), ("lm_head.", "lm_head."))
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+_STATS_LOGGER = "vllm.v1.metrics.loggers"  # logs throughput every few seconds when statistics are on
 CPU_MEMORY_UTILIZATION = 0.1  # the default on the CPU, where vLLM's fraction is of the host's memory
 
 
@@ -93,8 +108,9 @@ class VllmConfig:
 def checkpoint_digest(path: str, cache_dir: Path | None = None) -> str:
     """sha256 of a checkpoint's config, tokenizer (a folder's) and language-model weight files: of their
     names and bytes, not of where they lie, so copies of one checkpoint share one export. Each file's
-    digest is remembered by (path, size, mtime) in `digests.json` under the cache folder, so a 14 GB
-    checkpoint is read once, not at every engine start."""
+    digest is remembered by (path, size, mtime) in `digests.json` under the cache folder
+    (`pipelines.fingerprint.file_digests`), so a 14 GB checkpoint is read once, not at every engine
+    start."""
     cache_dir = _cache_dir(cache_dir)
     files = sorted({file for file, _ in checkpoint_tensors(path, "language").values()})
     if Path(path).is_dir():
@@ -102,22 +118,10 @@ def checkpoint_digest(path: str, cache_dir: Path | None = None) -> str:
         files += [Path(path) / name for name in _TOKENIZER_FILES if (Path(path) / name).is_file()]
     else:
         config = Path(hf_hub_download(path, "config.json"))
-    memo_path = cache_dir / "digests.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
+    digests = file_digests([config, *files], cache_dir / DIGESTS_FILE)
     total = hashlib.sha256()
     for file in [config, *files]:
-        stat = file.stat()
-        key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-        if key not in memo:
-            memo[key] = _file_sha256(file)
-        total.update(f"{file.name}:{memo[key]}".encode())
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_name(f"{memo_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo, indent=1))
-    os.replace(tmp, memo_path)
+        total.update(f"{file.name}:{digests[file]}".encode())
     return total.hexdigest()
 
 
@@ -131,7 +135,7 @@ def export_language_model(model: ModelConfig, cache_dir: str | Path | None = Non
     if (folder / _EXPORT_MARKER).exists():
         return folder
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / f"{folder.name}.lock"):
+    with waiting_lock(cache_dir / f"{folder.name}.lock"):
         if (folder / _EXPORT_MARKER).exists():  # another actor exported it while this one waited
             return folder
         started = time.perf_counter()
@@ -191,61 +195,55 @@ def _cache_dir(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir if cache_dir is not None else EXPORT_DIR).expanduser()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 # ---------------------------------------------------------------- the engine
 
 
-@dataclass
-class Generated:
-    """One prompt's generation by the engine."""
-
-    token_ids: list[int]  # the new tokens, EOS included when generated
-    prefill_seconds: float  # the prompt's share of the call up to its first token
-    decode_seconds: float  # the rest of its share
-
-
-def sampling_params(generation: GenerationConfig, seed: int | None = None):
+def sampling_params(sampling: Sampling, eos_token_id: int | None, seed: int | None = None):
     """vLLM's `SamplingParams` for the answer stage's generation settings, one to one: greedy
     (`do_sample=false`) is temperature 0; `max_new_tokens` / `min_new_tokens` are `max_tokens` /
     `min_tokens`; temperature and top_p as they are. Stopping is at the tokenizer's EOS, as in HF."""
     from vllm import SamplingParams
 
-    sample = bool(generation.do_sample)
+    sample = sampling.do_sample
     return SamplingParams(
-        max_tokens=generation.max_new_tokens,
-        min_tokens=generation.min_new_tokens or 0,
-        temperature=float(generation.temperature or 1.0) if sample else 0.0,
-        top_p=float(generation.top_p or 1.0) if sample else 1.0,
-        stop_token_ids=[generation.eos_token_id] if generation.eos_token_id is not None else None,
+        max_tokens=sampling.max_new_tokens,
+        min_tokens=sampling.min_new_tokens,
+        temperature=float(sampling.temperature) if sample else 0.0,
+        top_p=float(sampling.top_p) if sample else 1.0,
+        stop_token_ids=[eos_token_id] if eos_token_id is not None else None,
         seed=seed,
-        detokenize=False,  # the stage decodes with its own tokenizer, as it does HF's tokens
+        detokenize=False,  # the engine decodes with its own tokenizer, as HF's tokens are
     )
 
 
 class VllmEngine:
-    """vLLM over the exported language model: prompts as embeddings [L, hidden] in, token ids out.
+    """vLLM over the exported language model: the same prompt ids and spliced embeddings as the `hf`
+    engine (`stages.engine`), sent as `{"prompt_embeds": [L, hidden]}`; token ids out.
 
-    Also gives what the answer stage needs to build those prompts without loading the LLM itself: the
-    tokenizer, the token embedding table (read alone from the export) and the `<video>` token id."""
+    The engine holds what it needs to build those prompts without loading the LLM itself: the tokenizer,
+    the token embedding table (read alone from the export) and the `<video>` token id.
 
-    def __init__(self, model: ModelConfig, config: VllmConfig | None = None, seed: int = 0) -> None:
+    **The video's prefix is sent with every prompt**: vLLM 0.32 cannot take it once. An `EmbedsPrompt`
+    carries the embeddings of all its positions (in mixed mode too: `prompt_token_ids` with
+    `prompt_is_token_ids` only says which positions take a token's embedding instead, and
+    `InputProcessor._validate_model_input` requires `prompt_embeds` of the prompt's full length), and no
+    prompt can refer to another's cached blocks. What vLLM does share is the computation: its prefix
+    cache hashes each full block of a prompt's embeddings
+    (`kv_cache_utils._gen_prompt_embeds_extra_hash_keys`), so the blocks of a video's head, and of a
+    conversation's earlier turns, are computed once and found by the later prompts. To bound what travels
+    and waits at once, each call sends at most `max_num_seqs` prompts (vLLM runs no more at a time).
+
+    **Positions**: vLLM reads prompt embeddings at consecutive positions, so it cannot take the visual
+    tokens' own position ids (`accepts_positions = False`; `stages.engine.position_problems`).
+
+    **Times**: request statistics are on (`disable_log_stats=False`), so each answer's prefill and decode
+    come from its request's own timestamps (scheduled, first token, last token), scaled to its share of
+    the call."""
+
+    accepts_positions = False
+
+    def __init__(self, model: ModelConfig, config: VllmConfig | None = None,
+                 templates: Templates | None = None, seed: int = 0) -> None:
         config = config or VllmConfig()
         problems = config.problems()
         if problems:
@@ -253,10 +251,12 @@ class VllmEngine:
         self.folder = export_language_model(model, config.export_dir)
         self.tokenizer = _tokenizer(self.folder)
         self.video_token_id = read_model_config(model.path).video_token_id
+        self.builder = PromptBuilder(self.tokenizer, self.video_token_id, templates)
         self.dtype = resolve_dtype(model.dtype)
         with safe_open(str(self.folder / "model.safetensors"), "pt") as f:
             weight = f.get_tensor("model.embed_tokens.weight")
         self.embed_tokens = torch.nn.Embedding.from_pretrained(weight, freeze=True)
+        self.seed = seed
         from vllm import LLM
 
         on_gpu = torch.cuda.is_available()
@@ -271,23 +271,57 @@ class VllmEngine:
             max_model_len=config.max_model_len,
             enforce_eager=config.enforce_eager,
             seed=seed,
+            disable_log_stats=False,  # per-request timestamps (RequestOutput.metrics)
             **options,
         )
+        logging.getLogger(_STATS_LOGGER).setLevel(logging.WARNING)  # keep the periodic throughput lines out
+        self.max_num_seqs = self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         self.start_seconds = time.perf_counter() - started
         log.info("vLLM engine on %s started in %.1f s", self.folder, self.start_seconds)
 
-    def generate(self, prompts: list[torch.Tensor], generation: GenerationConfig) -> list[Generated]:
-        """Generate for each prompt ([L_i, hidden] embeddings, in order). vLLM schedules them itself
-        (continuous batching); each prompt gets an equal share of the call's time, split at the first
-        token of the call's last prompt to get one (its prefill) and the rest (decoding)."""
+    def generate(self, videos: Sequence[Video], conversations: Sequence[Conversation], sampling: Sampling
+                 ) -> list[list[Answer]]:
+        """Each conversation's answers in order: every conversation's next turn in one call per round, the
+        whole prompt each time (vLLM's prefix cache finds the blocks read before)."""
+        hidden = self.embed_tokens.embedding_dim
+        checked = {c.video: check_video(videos[c.video], c.video, hidden) for c in conversations}
+        for index, video in checked.items():
+            if video.positions is not None:
+                raise ValueError(f"visual positions {index}: "
+                                 + position_problems("vllm", self.accepts_positions, True)[0])
+        params = sampling_params(sampling, self.tokenizer.eos_token_id, self.seed)
+        found: list[list[Answer]] = [[] for _ in conversations]
+        for turn in range(max((len(c.questions) for c in conversations), default=0)):
+            asking = [i for i, c in enumerate(conversations) if turn < len(c.questions)]
+            prompts = []
+            for i in asking:
+                c = conversations[i]
+                earlier = [*c.earlier, *zip(c.questions[:turn], (a.text for a in found[i]), strict=True)]
+                prompts.append(self.builder.prompt(c.questions[turn], earlier, index=i))
+            for start in range(0, len(asking), self.max_num_seqs):
+                part = range(start, min(start + self.max_num_seqs, len(asking)))
+                videos_of = [checked[conversations[asking[k]].video] for k in part]
+                results = self._run([prompts[k] for k in part], videos_of, params)
+                for k, answer in zip(part, results, strict=True):
+                    found[asking[k]].append(answer)
+        return found
+
+    def _run(self, prompts: list[PromptIds], videos: list[Video], params) -> list[Answer]:
+        sequences = [spliced(self.embed_tokens, p, v, self.dtype).detach().to("cpu")
+                     for p, v in zip(prompts, videos, strict=True)]
         started = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_embeds": p.detach().to("cpu", self.dtype)} for p in prompts],
-                                    sampling_params(generation), use_tqdm=False)
-        seconds = time.perf_counter() - started
-        share = seconds / max(1, len(prompts))
-        first = _first_token_fraction(outputs)
-        return [Generated(list(out.outputs[0].token_ids), share * first, share * (1 - first))
-                for out in outputs]
+        outputs = self.llm.generate([{"prompt_embeds": s} for s in sequences], params, use_tqdm=False)
+        share = (time.perf_counter() - started) / len(prompts)
+        del sequences
+        eos = self.tokenizer.eos_token_id
+        answers = []
+        for prompt, video, out in zip(prompts, videos, outputs, strict=True):
+            tokens = until_eos(list(out.outputs[0].token_ids), eos)
+            first = first_token_fraction(out.metrics)
+            answers.append(Answer(text=answer_text(self.tokenizer, tokens), token_ids=tokens,
+                                  prompt_tokens=expanded_length(prompt, video), generated_tokens=len(tokens),
+                                  prefill_seconds=share * first, llm_decode_seconds=share * (1 - first)))
+        return answers
 
     def close(self) -> None:
         """Stop the engine's processes now (they also stop when this process exits) and free what it held:
@@ -304,15 +338,10 @@ class VllmEngine:
             gc.collect()
 
 
-def _first_token_fraction(outputs: list) -> float:
-    """The fraction of a `generate` call spent before its prompts' first tokens (all prompts' prefill),
-    from the engine's timestamps of its requests (scheduled, first token, last token). Without them
-    (vLLM kept no request stats) the whole call counts as prefill."""
-    stats = [getattr(out, "metrics", None) for out in outputs]
-    stamps = [(s.scheduled_ts, s.first_token_ts, s.last_token_ts) for s in stats
-              if s is not None and getattr(s, "scheduled_ts", 0) and getattr(s, "last_token_ts", 0)]
-    if not stamps:
-        return 1.0
-    start = min(s for s, _, _ in stamps)
-    first, last = max(f for _, f, _ in stamps), max(e for _, _, e in stamps)
-    return (first - start) / (last - start) if last > start else 1.0
+def first_token_fraction(stats) -> float:
+    """The fraction of a request's time in the engine spent before its first token (its prefill), from
+    its timestamps (scheduled, first token, last token): 1.0 for a one-token answer (no decode steps)."""
+    if stats is None or not getattr(stats, "last_token_ts", 0):
+        raise RuntimeError("vLLM returned no request statistics: the engine needs disable_log_stats=False")
+    total = stats.last_token_ts - stats.scheduled_ts
+    return (stats.first_token_ts - stats.scheduled_ts) / total if total > 0 else 1.0

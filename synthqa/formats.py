@@ -13,8 +13,8 @@ must ask the same questions about the same files, so give the same predictions p
   questions' folder: the videos are found in its `videos/` subfolder.
 - `videomme`: lmms-lab/Video-MME's layout, `videomme/test-00000-of-00001.parquet` and `data/<videoID>.mp4`;
   four options "A. ..." (the answer and three distractors), `answer` a letter, `task_type` the question
-  type; its twin carries `duration`, `domain` and `sub_category` as extra columns, as the reader passes
-  them on.
+  type; its twin carries `video_id`, `duration`, `domain` and `sub_category` as extra columns, as the
+  reader passes them on.
 - `mvbench`: `json/<type>.json`, one task file per question type, and `video/synth/clip_*.mp4`; the
   candidates are every value of the answer's kind (2 to 4), `answer` the correct one's text; the
   `direction` task carries a `start`/`end` window (the whole clip), as MVBench's windowed tasks do.
@@ -173,7 +173,8 @@ def _videomme(folder: Path, seed: int, samples: list, rng: np.random.Generator) 
                             "options": [f"{LETTERS[i]}. {text}" for i, text in enumerate(options)],
                             "answer": LETTERS[answer]})
             rows.append(_mc_row(qid, video, q, options, answer, q.type)
-                        | {"duration": "short", "domain": "Synthetic", "sub_category": "Synthetic"})
+                        | {"video_id": f"{index + 1:03d}", "duration": "short", "domain": "Synthetic",
+                           "sub_category": "Synthetic"})
     annotations = root / "videomme" / "test-00000-of-00001.parquet"
     annotations.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(records), annotations)

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase, VideoLlavaForConditionalGeneration
 
-from stages.answer import PROMPT
+from stages import kv_cache
+from stages.prompts import PROMPT
 from synthqa.clips import DIRECTIONS, NUM_FRAMES, TrainingSample, training_samples
 from synthqa.model import answer_token_ids, save_checkpoint, visual_features
 from synthqa.optim import batches, optimizer_and_schedule, optimizer_step
@@ -104,12 +105,13 @@ def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: P
     prefix = torch.cat([embed(head[:at]).expand(len(samples), -1, -1), visual,
                         embed(head[at + 1 :]).expand(len(samples), -1, -1)], 1)  # fmt: skip
     lm = model.model.language_model
-    out = lm(inputs_embeds=prefix, use_cache=True, output_hidden_states=motion is not None)
+    cache = kv_cache.new_cache(lm.config)
+    out = lm(inputs_embeds=prefix, use_cache=True, output_hidden_states=motion is not None,
+             **{kv_cache.CACHE: cache})
     motion_loss = None
     if motion is not None:
         hidden = out.hidden_states[motion.layer][:, at : at + visual.shape[1]]
         motion_loss = motion.loss(hidden, motion_labels(labels["patch_direction"], index))
-    cache = out.cache
     per_clip = len(ids) // len(samples)
     cache.batch_repeat_interleave(per_clip)
     tails = [row[common:] + [int(t)] for row, t in zip(ids, targets, strict=True)]
@@ -119,8 +121,8 @@ def shared_prefix_logits(model: VideoLlavaForConditionalGeneration, tokenizer: P
     for row, tail in enumerate(tails):
         mask[row, prefix.shape[1] + len(tail) :] = 0
     positions = prefix.shape[1] + torch.arange(width).expand(len(tails), -1)
-    hidden = lm(inputs_embeds=embed(tail_ids), attention_mask=mask, position_ids=positions, cache=cache,
-                use_cache=True).last_hidden_state  # fmt: skip
+    hidden = lm(inputs_embeds=embed(tail_ids), attention_mask=mask, position_ids=positions, use_cache=True,
+                **{kv_cache.CACHE: cache}).last_hidden_state  # fmt: skip
     last = torch.tensor([len(tail) - 2 for tail in tails])  # the prompt's last token
     rows = torch.arange(len(tails))[:, None]
     return model.lm_head(hidden[rows, torch.stack([last, last + 1], 1)]), motion_loss

@@ -4,6 +4,7 @@ set) and the same logits (tiny model); the vLLM engine gives the `hf` engine's a
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -11,6 +12,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,28 +61,49 @@ def test_prefix_reuse_answers_a_held_out_set_as_the_path_without_it(synth):
     assert [a.token_ids for a in got] == [a.token_ids for a in expected]
     assert [a.text for a in got] == [a.text for a in expected]
     assert [a.prompt_tokens for a in got] == [a.prompt_tokens for a in expected]
-    assert (plain.prefix_forwards, reused.prefix_forwards) == (0, 20)  # once per video, not per question
+    assert (plain.engine.prefix_reads, reused.engine.prefix_reads) == (0, 20)  # once per video
     assert len({a.text for a in got}) > 5  # the answers depend on the inputs, so the check can fail
     for a in got:
         assert a.prefill_seconds > 0 and a.llm_decode_seconds >= 0
 
 
-def test_prefix_reuse_gives_the_same_logits_in_float32(tiny):
-    model, tokenizer = tiny
+def tiny_videos(model) -> list[torch.Tensor]:
     from tests.test_video_llava import make_video, static_video
 
     encoder = EncodeStage(model, compression=CompressionConfig(temporal=TemporalConfig(enabled=True)))
     clips = [make_video(8, seed=6), make_video(5, seed=8), static_video(8)]
     videos = [e.embeds for e in encoder.encode(clips)]
     assert len({len(v) for v in videos}) == 3  # prefixes of three lengths, padded in one batch
-    questions = ["What color is it?", "How many objects are there?", "Is it moving left or right?", "Why?"]
+    return videos
+
+
+QUESTIONS = ["What color is it?", "How many objects are there?", "Is it moving left or right?", "Why?"]
+TEMPLATES = {  # template -> tokens of its shared head, visual placeholder included (tiny tokenizer)
+    "USER: <video>\n{question} ASSISTANT:": 6,
+    "USER: <video> {question} ASSISTANT:": 5,  # the space joins the question's first word
+    "<video>\nQuestion: {question}": 11,
+    "A chat.\nUSER: <video>\n{question} ASSISTANT: Best option:(": 12,
+}
+
+
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_prefix_reuse_gives_the_same_logits_in_float32_for_any_template(tiny, template):
+    model, tokenizer = tiny
+    videos = tiny_videos(model)
     embeds = [videos[0]] * 4 + [videos[1]] * 2 + [videos[2]] * 3
-    asked = questions + questions[:2] + questions[1:]
-    plain = AnswerStage(model, tokenizer, config=answering(False, max_new_tokens=6, batch_size=4))
-    reused = AnswerStage(model, tokenizer, config=answering(True, max_new_tokens=6, batch_size=4))
-    plain.record_logits = reused.record_logits = True
+    asked = QUESTIONS + QUESTIONS[:2] + QUESTIONS[1:]
+    plain, reused = (AnswerStage(model, tokenizer, config=replace(
+        answering(reuse, max_new_tokens=6, batch_size=4), prompt=template)) for reuse in (False, True))
+    plain.engine.record_logits = reused.engine.record_logits = True
     expected, got = plain.answer(embeds, asked), reused.answer(embeds, asked)
-    assert reused.prefix_forwards == 3
+    head = TEMPLATES[template]
+    assert len(reused.builder.head) == head
+    assert reused.engine.prefix_reads == 3
+    # the LLM read each video's head once and each question's own tokens, nothing else
+    prompts = sum(a.prompt_tokens for a in expected)
+    assert plain.engine.tokens_read == prompts
+    heads = sum(head - 1 + len(v) for v in videos)
+    assert reused.engine.tokens_read == prompts - sum(head - 1 + len(v) for v in embeds) + heads
     for a, b in zip(expected, got, strict=True):
         assert a.token_ids == b.token_ids and a.prompt_tokens == b.prompt_tokens
         assert a.logits.shape == b.logits.shape == (len(a.token_ids), len(tokenizer))
@@ -88,7 +111,7 @@ def test_prefix_reuse_gives_the_same_logits_in_float32(tiny):
     assert len({tuple(a.token_ids) for a in got}) > 1
 
 
-def test_reuse_is_the_default_and_a_template_without_a_shared_prefix_reads_whole_prompts(tiny):
+def test_reuse_is_the_default_and_a_template_without_a_shared_prefix_says_why(tiny, caplog):
     job = compose_job("data.manifest=m.jsonl", "output.path=o.jsonl")
     assert job.pipeline.generation.reuse_prefix is True and job.pipeline.engine == "hf"
     assert compose_job("data.manifest=m.jsonl", "output.path=o.jsonl",
@@ -98,14 +121,34 @@ def test_reuse_is_the_default_and_a_template_without_a_shared_prefix_reads_whole
 
     video = EncodeStage(model).encode([make_video(4, seed=3)])[0].embeds
     late = replace(answering(True, max_new_tokens=4), prompt="USER: {question}\n<video> ASSISTANT:")
-    stage = AnswerStage(model, tokenizer, config=late)
-    assert stage.prefix_ids is None
+    with caplog.at_level(logging.INFO, logger="stages.prompts"):
+        stage = AnswerStage(model, tokenizer, config=late)
+    assert [r.getMessage() for r in caplog.records] == [
+        "prompt 'USER: {question}\\n<video> ASSISTANT:': the video is not in the tokens every question "
+        "shares (it comes after {question}): each question reads it (a conversation's later turns still "
+        "extend their cache)"]
     answers = stage.answer([video, video], ["What color?", "How many?"])
-    assert stage.prefix_forwards == 0
+    assert stage.engine.prefix_reads == 0
     whole = AnswerStage(model, tokenizer, config=replace(late, generation=GenerateConfig(max_new_tokens=4,
                                                                                           reuse_prefix=False)))
     assert [a.token_ids for a in answers] == [a.token_ids for a in whole.answer([video, video],
                                                                                ["What color?", "How many?"])]
+
+
+def test_the_caches_alive_are_bounded_by_the_batch_not_the_videos(tiny):
+    """Memory: the caches alive at once hold at most batch_size x (2 P + T) token slots however many
+    videos a call has (stages.engine_hf's bound): 2 videos or 8, the peak is the same."""
+    model, tokenizer = tiny
+    video = max(tiny_videos(model), key=len)
+    stage = AnswerStage(model, tokenizer, config=answering(True, max_new_tokens=4, batch_size=2))
+    stage.answer([video.clone() for _ in range(2)], ["Why?", "How many?"])
+    peak_two = stage.engine.peak_cache_tokens
+    stage.engine.peak_cache_tokens = 0
+    stage.answer([video.clone() for _ in range(8)], ["Why?", "How many?"] * 4)
+    head = len(stage.builder.head) - 1 + len(video)
+    longest = len(stage.builder.prompt("How many?").ids) - 1 + len(video) + 4
+    assert stage.engine.peak_cache_tokens == peak_two <= 2 * (head + longest)  # B = 2, P = head, P + T
+    assert 8 * head > 2 * (head + longest)  # every head alive at once would not fit: the check can fail
 
 
 def test_config_checks_engine_and_vllm_settings():
@@ -150,7 +193,7 @@ def vllm_stage(tmp_path_factory):
     environ, filters = dict(os.environ), list(warnings.filters)
     start_method = multiprocessing.get_start_method(allow_none=True)
     pytest.importorskip("vllm", reason="vLLM is not installed (make installs it: see the Makefile)")
-    settings = VllmConfig(gpu_memory_utilization=0.05, max_model_len=1024, enforce_eager=True,
+    settings = VllmConfig(gpu_memory_utilization=0.1, max_model_len=1024, enforce_eager=True,
                           export_dir=str(tmp_path_factory.mktemp("vllm")))
     try:
         stage = AnswerStage(SYNTH, config=AnswerConfig(engine="vllm", vllm=settings,
@@ -164,7 +207,10 @@ def vllm_stage(tmp_path_factory):
         multiprocessing.set_start_method(start_method, force=True)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+VLLM_WARNINGS = ("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+
+
+@pytest.mark.filterwarnings(*VLLM_WARNINGS)
 def test_vllm_answers_a_held_out_set_as_the_hf_engine(synth, vllm_stage):
     model, tokenizer = synth
     embeds, questions = held_out(model, 12)  # VisionZip, the default compression
@@ -176,6 +222,9 @@ def test_vllm_answers_a_held_out_set_as_the_hf_engine(synth, vllm_stage):
     assert [a.prompt_tokens for a in got] == [a.prompt_tokens for a in expected]
     assert len({a.text for a in got}) > 5
     assert vllm_stage.model is None  # the stage holds the tokenizer and the embedding table, vLLM the LLM
+    # times from each request's own timestamps: every answer here is a word and EOS, so it has a decode step
+    assert all(len(a.token_ids) == 2 for a in got)
+    assert all(a.prefill_seconds > 0 and a.llm_decode_seconds > 0 for a in got)
 
     # the batch callable, as Ray Data calls it: one row per video with its questions
     batch = {"visual_embeds": [embeds[0].numpy(), embeds[5].numpy()],
@@ -185,13 +234,41 @@ def test_vllm_answers_a_held_out_set_as_the_hf_engine(synth, vllm_stage):
     assert out["error"] == [None, None]
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.filterwarnings(*VLLM_WARNINGS)
+def test_vllm_conversations_answer_as_the_hf_engine(synth, vllm_stage):
+    model, tokenizer = synth
+    embeds, questions = held_out(model, 3)
+    batch = {"visual_embeds": [embeds[0].numpy(), embeds[5].numpy(), embeds[10].numpy()],
+             "questions": [questions[:5], questions[5:10], questions[10:15]],
+             "conversations": [["a"] * 4 + [""], ["b"] * 3 + ["c"] * 2, [""] * 5],
+             "turns": [[1, 2, 3, 4, 0], [3, 1, 2, 1, 2], [0] * 5], "history": ["", "", ""]}
+    hf = AnswerStage(model, tokenizer, config=AnswerConfig(generation=GenerateConfig(max_new_tokens=3)))
+    expected, got = hf(dict(batch)), vllm_stage(dict(batch))
+    assert got["error"] == [None, None, None]
+    assert got["predictions"] == expected["predictions"]
+    assert got["prompt_tokens"] == expected["prompt_tokens"]
+    assert got["prompt_tokens"][0][3] > got["prompt_tokens"][0][0] + 3 * 6  # turn 4 holds turns 1-3
+
+
+@pytest.mark.filterwarnings(*VLLM_WARNINGS)
+def test_vllm_refuses_visual_positions_before_any_work(synth, vllm_stage):
+    with pytest.raises(ValueError, match="engine=vllm cannot take the visual tokens' position ids"):
+        AnswerStage(SYNTH, config=AnswerConfig(engine="vllm"), custom_positions=True)
+    model, _ = synth
+    video = held_out(model, 1)[0][0]
+    out = vllm_stage({"visual_embeds": [video.numpy()], "questions": [["What color?"]],
+                      "visual_positions": [np.arange(len(video)) * 2]})
+    assert out["error"][0].startswith("answer: ValueError: visual positions 0: engine=vllm cannot take")
+
+
+@pytest.mark.filterwarnings(*VLLM_WARNINGS)
 def test_sampling_parameters_map_one_to_one(vllm_stage):
     from stages.vllm_engine import sampling_params
 
-    greedy = sampling_params(vllm_stage.generation_config)
+    eos = vllm_stage.tokenizer.eos_token_id
+    greedy = sampling_params(vllm_stage.sampling, eos)
     assert (greedy.max_tokens, greedy.temperature, greedy.top_p) == (3, 0.0, 1.0)
-    sampled = GenerateConfig(max_new_tokens=7, do_sample=True, temperature=0.7, top_p=0.9)
-    params = sampling_params(AnswerStage._generation_config(sampled, vllm_stage.tokenizer), seed=5)
+    sampled = GenerateConfig(max_new_tokens=7, do_sample=True, temperature=0.7, top_p=0.9).sampling()
+    params = sampling_params(sampled, eos, seed=5)
     assert (params.max_tokens, params.temperature, params.top_p, params.seed) == (7, 0.7, 0.9, 5)
-    assert params.stop_token_ids == [vllm_stage.tokenizer.eos_token_id]
+    assert params.stop_token_ids == [eos]

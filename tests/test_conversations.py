@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipelines.config import compose_job
 from pipelines.job import run_job
@@ -15,7 +16,9 @@ from pipelines.manifest import ManifestError, Question, group_by_video, read_man
 from pipelines.runner import conversation_history, item_rows, unanswerable_turns
 from stages.answer import AnswerConfig, AnswerStage, GenerateConfig, conversation_text
 from stages.encode import EncodeStage
+from stages.engine import Conversation, Sampling, Video
 from stages.model import load_video_llava
+from stages.prompts import PromptBuilder
 from synthqa.clips import synth_sample
 from synthqa.dataset import HELDOUT, write_dataset
 
@@ -109,13 +112,13 @@ def synth():
 def recording(stage: AnswerStage) -> list[str]:
     """Every prompt text the stage tokenizes from now on."""
     texts: list[str] = []
-    tokenize = stage._prompt_ids
+    tokenize = stage.builder.prompt_of_text
 
-    def record(text: str, index: int = 0) -> list[int]:
+    def record(text: str, index: int = 0):
         texts.append(text)
         return tokenize(text, index)
 
-    stage._prompt_ids = record
+    stage.builder.prompt_of_text = record
     return texts
 
 
@@ -140,18 +143,21 @@ def test_each_turn_is_asked_with_the_earlier_answers_and_one_prefix_per_conversa
     x3, x1, x2, alone = out["predictions"][0]
     y1, y2 = out["predictions"][1]
     q = texts
-    assert prompts == [  # round 1: first turns and the standalone question; then each next turn
-        f"USER: <video>\n{q[0][0]} ASSISTANT:", f"USER: <video>\n{q[0][3]} ASSISTANT:",
-        f"USER: <video>\n{q[1][1]} ASSISTANT:",
-        f"USER: <video>\n{q[0][0]} ASSISTANT: {x1}</s>USER: {q[0][1]} ASSISTANT:",
-        f"USER: <video>\n{q[1][1]} ASSISTANT: {y1}</s>USER: {q[1][4]} ASSISTANT:",
-        f"USER: <video>\n{q[0][0]} ASSISTANT: {x1}</s>USER: {q[0][1]} ASSISTANT: {x2}</s>"
-        f"USER: {q[0][2]} ASSISTANT:",
-    ]
-    assert stage.prefix_forwards == (2 if reuse else 0)  # one per conversation (its video), all turns
-    # each turn's answer is the model's answer to that exact prompt
-    single = AnswerStage(model, tokenizer, config=AnswerConfig(generation=GenerateConfig(max_new_tokens=3)))
-    assert single._answer_prompts([embeds[0]], [_prompt(0, prompts[5])], {})[0].text == x3
+    first = [f"USER: <video>\n{q[0][0]} ASSISTANT:", f"USER: <video>\n{q[0][3]} ASSISTANT:",
+             f"USER: <video>\n{q[1][1]} ASSISTANT:"]
+    second = [f"USER: <video>\n{q[0][0]} ASSISTANT: {x1}</s>USER: {q[0][1]} ASSISTANT:",
+              f"USER: <video>\n{q[1][1]} ASSISTANT: {y1}</s>USER: {q[1][4]} ASSISTANT:"]
+    third = (f"USER: <video>\n{q[0][0]} ASSISTANT: {x1}</s>USER: {q[0][1]} ASSISTANT: {x2}</s>"
+             f"USER: {q[0][2]} ASSISTANT:")
+    assert sorted(prompts[:3]) == sorted(first) and sorted(prompts[3:5]) == sorted(second)  # by rounds
+    assert prompts[5:] == [third]
+    assert stage.engine.prefix_reads == (2 if reuse else 0)  # one per video, for all its turns
+    # each turn's answer is the model's answer to that exact prompt, read whole
+    single = AnswerStage(model, tokenizer, config=AnswerConfig(
+        generation=GenerateConfig(max_new_tokens=3, reuse_prefix=False)))
+    alone_turn = Conversation(0, [q[0][2]], earlier=[(q[0][0], x1), (q[0][1], x2)])
+    assert single.engine.generate([Video(torch.as_tensor(embeds[0]))], [alone_turn], single.sampling
+                                  )[0][0].text == x3
     assert alone == single.answer([embeds[0]], [q[0][3]])[0].text
     assert out["prompt_tokens"][0][0] > out["prompt_tokens"][0][2] > out["prompt_tokens"][0][1]
     # the turns of a conversation after an error: the row fails, naming the missing answer
@@ -165,10 +171,35 @@ def test_each_turn_is_asked_with_the_earlier_answers_and_one_prefix_per_conversa
     assert resumed["error"] == [None]
 
 
-def _prompt(video: int, text: str):
-    from stages.answer import _Prompt
-
-    return _Prompt(video, text)
+def test_a_conversation_extends_its_cache_turn_by_turn(synth):
+    """Ten turns: the answers of the re-reading path (every turn reads its whole prompt), while turn k
+    reads only what its prompt adds to the cache of turn k-1: the tokens read grow linearly, not
+    quadratically."""
+    model, tokenizer = synth
+    samples = [synth_sample(VAL_SEED, i) for i in range(2)]
+    videos = [Video(e.embeds) for e in EncodeStage(model).encode([s.clip.frames for s in samples])]
+    talks = [Conversation(v, [q.question for q in s.questions] * 2) for v, s in enumerate(samples)]
+    answers, reads = {}, {}
+    for reuse in (False, True):
+        engine = AnswerStage(model, tokenizer, config=AnswerConfig(
+            generation=GenerateConfig(max_new_tokens=3, reuse_prefix=reuse))).engine
+        answers[reuse] = engine.generate(videos, talks, Sampling(max_new_tokens=3))
+        reads[reuse] = engine.tokens_read
+    tokens = {reuse: [[a.token_ids for a in c] for c in found] for reuse, found in answers.items()}
+    assert tokens[True] == tokens[False]
+    assert len({a.text for c in answers[True] for a in c}) > 3
+    whole = sum(a.prompt_tokens for c in answers[True] for a in c)
+    assert reads[False] == whole  # the re-reading path: every turn's whole prompt
+    # with the cache: each video's head once, turn 1's own tokens, then each turn's prompt beyond turn
+    # k-1's prompt and its answer (the answer's last token, EOS, is read with the next turn)
+    expected = 0
+    for turns in answers[True]:
+        expected += turns[0].prompt_tokens
+        for before, now in zip(turns, turns[1:], strict=False):
+            expected += now.prompt_tokens - before.prompt_tokens - (before.generated_tokens - 1)
+    assert reads[True] == expected
+    assert expected < whole / 3 and turns[9].prompt_tokens > turns[0].prompt_tokens + 9 * 8
+    assert engine.prefix_reads == 2
 
 
 def test_a_resumed_job_continues_each_conversation_at_its_first_missing_turn(tmp_path, monkeypatch):
@@ -188,13 +219,13 @@ def test_a_resumed_job_continues_each_conversation_at_its_first_missing_turn(tmp
                            "pipeline.generation.max_new_tokens=3")
 
     prompts: list[str] = []
-    tokenize = AnswerStage._prompt_ids
+    tokenize = PromptBuilder.prompt_of_text
 
-    def record(self, text: str, index: int = 0) -> list[int]:
+    def record(self, text: str, index: int = 0):
         prompts.append(text)
         return tokenize(self, text, index)
 
-    monkeypatch.setattr(AnswerStage, "_prompt_ids", record)
+    monkeypatch.setattr(PromptBuilder, "prompt_of_text", record)
     first = run_job(job())
     assert first["error"] == 0 and first["this_run"]["rows"] == 10
     full = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}

@@ -23,11 +23,12 @@ from stages.decode import (
     DecodeConfig,
     DecodeError,
     DecodeStage,
+    even_spread,
     read_frames,
-    rounded_linspace,
     sample_indices,
 )
 from stages.decode_pyav import PyAVReader
+from synthqa.formats import write_gif
 from synthqa.sample_videos import (
     VFR_DURATIONS_MS,
     frame_image,
@@ -67,7 +68,7 @@ def vfr_timestamps(count: int) -> np.ndarray:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_uniform_whole_video_reads_back_exact_frames(videos, backend):
     got = read_frames(videos["plain"], num_frames=8, backend=backend)
-    expected = [0, 14, 28, 42, 57, 71, 85, 99]  # round(linspace(0, 99, 8)), halves up
+    expected = [0, 14, 28, 42, 56, 70, 84, 99]  # linspace(0, 99, 8) truncated, as Video-LLaVA samples
     assert got.indices.tolist() == expected
     assert numbers(got) == expected
     assert got.frames.dtype == np.uint8 and got.frames.shape == (8, 96, 128, 3)
@@ -78,7 +79,7 @@ def test_uniform_whole_video_reads_back_exact_frames(videos, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_uniform_over_a_start_end_window(videos, backend):
     got = read_frames(videos["plain"], num_frames=5, backend=backend, start=1.0, end=2.0)
-    expected = rounded_linspace(25, 49, 5).tolist()  # frames shown during [1.0, 2.0)
+    expected = even_spread(25, 49, 5).tolist()  # frames shown during [1.0, 2.0)
     assert expected == [25, 31, 37, 43, 49]
     assert got.indices.tolist() == expected and numbers(got) == expected
 
@@ -103,7 +104,7 @@ def test_fps_strategy_takes_the_frame_on_screen_at_each_tick(videos, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fps_strategy_thins_evenly_past_max_frames(videos, backend):
     got = read_frames(videos["plain"], strategy="fps", fps=25, max_frames=10, backend=backend)
-    expected = rounded_linspace(0, 99, 10).tolist()  # 100 ticks, one per frame, thinned to 10
+    expected = even_spread(0, 99, 10).tolist()  # 100 ticks, one per frame, thinned to 10
     assert numbers(got) == expected == got.indices.tolist()
 
 
@@ -118,15 +119,15 @@ def test_indices_strategy_keeps_order_and_repeats(videos, backend):
 def test_short_video_repeats_frames_to_keep_n(videos, backend):
     got = read_frames(videos["short"], num_frames=8, backend=backend)
     assert got.meta.num_frames == 5
-    assert got.indices.tolist() == [0, 1, 1, 2, 2, 3, 3, 4]
-    assert numbers(got) == [0, 1, 1, 2, 2, 3, 3, 4]
-    np.testing.assert_array_equal(got.frames[1], got.frames[2])
+    assert got.indices.tolist() == [0, 0, 1, 1, 2, 2, 3, 4]  # linspace(0, 4, 8) truncated
+    assert numbers(got) == [0, 0, 1, 1, 2, 2, 3, 4]
+    np.testing.assert_array_equal(got.frames[0], got.frames[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_variable_frame_rate_indices_count_frames_and_timestamps_come_from_pts(videos, backend):
     got = read_frames(videos["vfr"], num_frames=8, backend=backend)
-    expected = rounded_linspace(0, 99, 8).tolist()
+    expected = even_spread(0, 99, 8).tolist()
     assert numbers(got) == expected == got.indices.tolist()
     np.testing.assert_allclose(got.timestamps, vfr_timestamps(100)[expected], atol=1e-9)
     assert got.meta.variable_frame_rate and got.meta.num_frames == 100
@@ -145,6 +146,49 @@ def test_sample_indices_is_pure_and_shared():
     assert sample_indices(ts, 1.0, strategy="indices", indices=[9, 0]).tolist() == [9, 0]
     with pytest.raises(ValueError, match=r"outside 0\.\.9"):
         sample_indices(ts, 1.0, strategy="indices", indices=[10])
+
+
+def video_llava_reference(duration: int, num_frames: int) -> list[int]:
+    """Video-LLaVA's frame sampling, its line as it stands (PKU-YuanGroup/Video-LLaVA at 984e65b,
+    videollava/model/multimodal_encoder/languagebind/video/processing_video.py, load_and_transform_video,
+    decord backend, where `duration = len(decord_vr)` is the frame count)."""
+    frame_id_list = np.linspace(0, duration-1, num_frames, dtype=int)
+    return frame_id_list.tolist()
+
+
+def test_uniform_is_video_llavas_reference_frame_for_frame():
+    # short videos (fewer frames than asked) included: the reference repeats frames, and so do we
+    counts = [1, 2, 3, 5, 7, 8, 9, 10, 16, 17, 25, 30, 31, 64, 99, 100, 101, 241, 300, 1000, 4799, 86400]
+    for count in counts:
+        timestamps, duration = np.arange(count) / FPS, count / FPS
+        # a window is sampled as the reference samples the video cut to it: frames a..b, as a + its indices
+        last = count - 1
+        windows = {(0, last), (count // 3, last), (count // 4, 3 * count // 4), (last, last)}
+        for num_frames in [1, 2, 3, 4, 5, 7, 8, 16, 32, 64, 100]:
+            whole = sample_indices(timestamps, duration, num_frames=num_frames)
+            assert whole.tolist() == video_llava_reference(count, num_frames), (count, num_frames)
+            for a, b in windows:
+                got = sample_indices(timestamps, duration, num_frames=num_frames, start=a / FPS,
+                                     end=(b + 1) / FPS)
+                wanted = [a + i for i in video_llava_reference(b - a + 1, num_frames)]
+                assert got.tolist() == wanted, (count, num_frames, a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rounding_round_spreads_half_up_on_request(videos, backend):
+    ts = np.arange(100) / FPS
+    half_up = [0, 14, 28, 42, 57, 71, 85, 99]  # round(linspace(0, 99, 8)); truncated: 56, 70, 84
+    assert sample_indices(ts, 4.0, num_frames=8, rounding="round").tolist() == half_up
+    assert sample_indices(ts[:5], 0.2, num_frames=8, rounding="round").tolist() == [0, 1, 1, 2, 2, 3, 3, 4]
+    # fps thinning spreads by the same rule: 100 ticks (one per frame) thinned to 8
+    assert sample_indices(ts, 4.0, strategy="fps", fps=25, max_frames=8, rounding="round").tolist() == half_up
+    truncated = sample_indices(ts, 4.0, strategy="fps", fps=25, max_frames=8)
+    assert truncated.tolist() == [0, 14, 28, 42, 56, 70, 84, 99]
+    stage = DecodeStage(DecodeConfig(backend=backend, rounding="round", size=None))
+    out = stage({"video": [str(videos["plain"])]})
+    assert [read_frame_number(f) for f in out["frames"][0]] == out["frame_indices"][0].tolist() == half_up
+    with pytest.raises(ValueError, match="rounding='nearest': choose one of truncate, round"):
+        DecodeStage(DecodeConfig(rounding="nearest"))
 
 
 # ---------------------------------------------------------------- backends agree, formats, rotation, resize
@@ -205,11 +249,11 @@ def test_resize_scales_the_shortest_side_and_keeps_aspect(videos, backend):
 
 def test_frame_table_from_the_index_equals_a_packet_scan(videos):
     with PyAVReader(str(videos["plain"])) as reader:  # H.264 with B-frames: pts != dts
-        assert reader.table.from_index
+        assert reader.table.source == "index"
         np.testing.assert_array_equal(reader.table.pts, reader._scan_table().pts)
     for name in ("vfr", "mkv"):
         with PyAVReader(str(videos[name])) as reader:
-            assert not reader.table.from_index and len(reader.table.pts) == 100
+            assert reader.table.source == "packets" and len(reader.table.pts) == 100
     with av.open(str(videos["mkv"])) as container:
         assert container.streams.video[0].frames == 0  # the header does not know the frame count
 
@@ -227,6 +271,101 @@ def test_sparse_request_seeks_instead_of_decoding_everything(long_gop_video, mon
     got = read_frames(long_gop_video, strategy="indices", indices=[10, 290], backend="pyav")
     assert numbers(got) == [10, 290]
     assert len(decoded) <= 2 + 11 + 16  # first frame for metadata, 0..10, 275..290 (keyframes every 25)
+
+
+# ---------------------------------------------------------------- packets that are not frames
+
+GIF_COMMENT = b"\x21\xfe\x05hello\x00"  # a GIF comment extension block
+END_OF_STREAM_NAL = b"\x00\x00\x00\x01\x0a"  # H.264 end-of-stream NAL (length-prefixed): no picture
+
+
+def remux(src: Path, dst: Path, edit) -> Path:
+    """Copy the video packets of `src` into `dst` (its container from the suffix), `edit`ed on the way."""
+    with av.open(str(src)) as source, av.open(str(dst), "w") as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        packets = [packet for packet in source.demux(video=0) if packet.size]
+        for packet in edit(packets, source.streams.video[0].time_base):
+            packet.stream = stream
+            out.mux(packet)
+    return dst
+
+
+def no_picture_packet(pts: int, dts: int, time_base) -> av.Packet:
+    packet = av.Packet(END_OF_STREAM_NAL)
+    packet.pts, packet.dts, packet.time_base = pts, dts, time_base
+    return packet
+
+
+@pytest.fixture(scope="module")
+def gop10_video(tmp_path_factory) -> Path:
+    return write_video(tmp_path_factory.mktemp("gop10") / "gop10.mp4", 30, gop=10)
+
+
+def test_gif_ending_in_a_comment_counts_only_its_pictures(tmp_path):
+    gif = write_gif(tmp_path / "a.gif", np.stack([frame_image(n, 128, 96) for n in range(6)]))
+    data = gif.read_bytes()
+    phantom = tmp_path / "phantom.gif"
+    phantom.write_bytes(data[:-1] + GIF_COMMENT + data[-1:])  # the demuxer makes the comment a 7th packet
+    with av.open(str(phantom)) as container:
+        assert sum(1 for packet in container.demux(video=0) if packet.size) == 7
+    got = read_frames(phantom, num_frames=8)
+    assert got.meta.num_frames == 6 and got.indices.tolist() == [0, 0, 1, 2, 2, 3, 4, 5]
+    assert numbers(got) == got.indices.tolist()
+    assert got.meta.duration == pytest.approx(read_frames(gif, num_frames=1).meta.duration)
+    with pytest.raises(DecodeError, match="decord 0.6 cannot read GIF files; decode.backend=pyav reads it"):
+        read_frames(phantom, num_frames=8, backend="decord")
+
+
+def test_packet_without_a_picture_at_the_end_of_an_mp4(gop10_video, tmp_path):
+    def append(packets, time_base):
+        step = packets[1].dts - packets[0].dts
+        last_pts, last_dts = max(p.pts for p in packets), max(p.dts for p in packets)
+        return [*packets, no_picture_packet(last_pts + step, last_dts + step, time_base)]
+
+    path = remux(gop10_video, tmp_path / "trailing.mp4", append)
+    with PyAVReader(str(path)) as reader:  # the index counts 31 frames
+        assert reader.table.source == "index" and len(reader.table.pts) == 31
+    got = read_frames(path, num_frames=8)  # the last sampled frame is not there: the table is rebuilt
+    assert got.meta.num_frames == 30 and got.indices.tolist() == [0, 4, 8, 12, 16, 20, 24, 29]
+    assert numbers(got) == got.indices.tolist()
+    refused = "decord counts 31 frames, the video 30; decode.backend=pyav reads it"
+    with pytest.raises(DecodeError, match=refused):  # rather than the other picture decord returns
+        read_frames(path, num_frames=8, backend="decord")
+
+
+def test_packet_without_a_picture_in_the_middle_is_found_by_a_read_that_meets_it(gop10_video, tmp_path):
+    def insert_before_second_gop(packets, time_base):
+        step = packets[1].dts - packets[0].dts
+        slot = sorted(p.pts for p in packets)[10]  # display slot of frame 10, the second GOP's keyframe
+        for packet in packets:
+            packet.pts += step if packet.pts >= slot else 0
+        at = next(i for i, p in enumerate(packets) if p.pts == slot + step)
+        edited = [*packets[:at], no_picture_packet(slot, 0, time_base), *packets[at:]]
+        for i, packet in enumerate(edited):
+            packet.dts = packets[0].dts + i * step
+        return edited
+
+    path = remux(gop10_video, tmp_path / "middle.mp4", insert_before_second_gop)
+    got = read_frames(path, strategy="indices", indices=[10, 29])  # index 10 is the phantom's slot
+    assert got.meta.num_frames == 30 and numbers(got) == [10, 29]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frames_come_in_output_order_when_pts_name_the_wrong_pictures(videos, tmp_path, backend):
+    def pts_from_decode_order(packets, time_base):  # what AVI with packed B-frames gives FFmpeg
+        step = packets[1].dts - packets[0].dts
+        for packet in packets:
+            packet.pts = packet.dts + 2 * step
+        return packets
+
+    path = remux(videos["plain"], tmp_path / "relabelled.mkv", pts_from_decode_order)
+    with av.open(str(path)) as container:
+        output_pts = [frame.pts for frame in container.decode(video=0)]
+    assert output_pts != sorted(output_pts)
+    got = read_frames(path, num_frames=8, backend=backend)
+    assert got.meta.num_frames == 100
+    assert numbers(got) == got.indices.tolist() == [0, 14, 28, 42, 56, 70, 84, 99]
+    np.testing.assert_allclose(got.timestamps, got.indices / FPS)
 
 
 # ---------------------------------------------------------------- bad requests and bad files
@@ -285,7 +424,7 @@ for path, backend, recover in json.loads(sys.argv[1]):
     try:
         got = read_frames(path, num_frames=16, backend=backend, recover=recover)
         row.update(indices=got.indices.tolist(), numbers=[read_frame_number(f) for f in got.frames],
-                   dropped=got.dropped.tolist())
+                   dropped=got.dropped.tolist(), num_frames=got.meta.num_frames)
     except Exception as e:
         row.update(error=type(e).__name__, message=str(e))
     row["seconds"] = time.perf_counter() - t0
@@ -321,13 +460,24 @@ def test_bad_file_gives_decode_error_naming_file_and_cause_quickly(bad_results, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["corrupted", "truncated_faststart"])
-def test_recover_returns_the_frames_around_the_damage(bad_results, name, backend):
-    row = bad_results[(name, backend, True)]
+def test_recover_returns_the_frames_around_the_damage(bad_results, backend):
+    row = bad_results[("corrupted", backend, True)]
     assert "error" not in row, row
     assert row["numbers"] == row["indices"]  # what comes back is exactly what it claims
     assert len(row["dropped"]) >= 1 and len(row["indices"]) >= 8
     assert not set(row["dropped"]) & set(row["indices"])
+    assert row["num_frames"] == 100  # damage in the middle leaves the frame count as it was
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recover_on_a_truncated_file_samples_the_frames_that_decode(bad_results, backend):
+    # the last packets left in the file decode to nothing: the table is rebuilt from decoding, so the
+    # request spreads over the frames that exist instead of dropping the ones past the real end
+    row = bad_results[("truncated_faststart", backend, True)]
+    assert "error" not in row, row
+    assert row["dropped"] == [] and len(row["indices"]) == 16
+    assert row["numbers"] == row["indices"] and row["indices"][-1] == row["num_frames"] - 1
+    assert 16 <= row["num_frames"] < 100
 
 
 # ---------------------------------------------------------------- memory, threads, stage

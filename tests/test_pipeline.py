@@ -1,14 +1,10 @@
 """The batch job end to end: config composition and validation, local and Ray runners, error rows,
-resume after a SIGKILL, a Hydra sweep, and an external Ray cluster."""
+resume after a SIGKILL, a Hydra sweep (an external Ray cluster: tests/test_cluster.py)."""
 
 import json
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -232,58 +228,6 @@ def test_sweep_runs_each_job_in_its_own_folder_with_its_own_ray_quietly(data, tm
     # the random tiny model answers its one answered question wrong: no reference to retain against
     assert table[0]["overall"] == 0.0 and table[0]["retention"] is None
     assert (tmp_path / "scores_table.md").read_text().count("\n") == 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_external_two_node_cluster(data, tmp_path):
-    ray = str(Path(PYTHON).parent / "ray")
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    # a loopback test cluster: no token authentication between its nodes
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    common = ["--disable-usage-stats", "--num-gpus=0"]
-    temp_dir = tempfile.mkdtemp(prefix="vzray", dir="/tmp")  # short: Ray's socket paths live under it
-    try:
-        subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                        "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp_dir}", *common],
-                       check=True, capture_output=True, env=env, timeout=120)
-        subprocess.run([ray, "start", f"--address={address}", "--node-ip-address=127.0.0.1",
-                        "--num-cpus=2", *common], check=True, capture_output=True, env=env, timeout=120)
-        out = tmp_path / "out.jsonl"
-        result = _run_cli(
-            "ray=cluster", f"ray.address={address}", f"model.path={data['model']}", "model.dtype=float32",
-            f"data.manifest={data['manifest']}", f"output.path={out}", "pipeline.generation.max_new_tokens=2",
-            "resources.decode.pool_size=1", f"hydra.run.dir={tmp_path / 'hydra'}", env=env,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        rows = read_rows(out)
-        assert sorted(r["id"] for r in rows) == sorted(data["ids"])
-        assert sum(r["error"] is None for r in rows) == 5
-        status = subprocess.run([ray, "status", f"--address={address}"], capture_output=True, text=True,
-                                env=env, timeout=60)
-        assert "3.0 CPU" in status.stdout  # both nodes still up: the job started and stopped nothing
-    finally:
-        stop_processes_of(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def stop_processes_of(temp_dir: str) -> None:
-    """Stop the test cluster's processes only (`ray stop` would end every Ray on the machine): those
-    whose command line names its temp dir (both nodes' raylets, GCS, workers), and their children."""
-    started = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
-    family = {p.pid: p for p in started}
-    for proc in started:
-        family.update({child.pid: child for child in proc.children(recursive=True)})
-    for proc in family.values():
-        proc.terminate()
-    _, alive = psutil.wait_procs(list(family.values()), timeout=15)
-    for proc in alive:
-        proc.kill()
 
 
 def test_a_dead_worker_is_restarted_and_its_batch_retried(data, tmp_path):

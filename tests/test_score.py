@@ -1,44 +1,30 @@
-"""Scoring predictions: exact match, multiple choice (lmms-eval's letter extraction), an LLM judge against
-a loopback OpenAI-compatible server (quirky replies, retries, timeouts, the verdict store, a SIGKILL and
-resume), bootstrap intervals over videos, and a -m sweep's table."""
+"""Scoring predictions: exact match, multiple choice (lmms-eval's letter extraction), what the LLM judge is
+shown (the judge itself: tests/test_judge.py), bootstrap intervals over videos, the scoring record a job
+leaves beside its output, and a -m sweep's table with error rows apart and jobs without answers named."""
 
 from __future__ import annotations
 
 import json
-import signal
-import sqlite3
-import subprocess
-import sys
-import threading
-import time
-from collections import Counter
-from contextlib import closing
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from dataclasses import asdict, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.judge import PROMPT_VERSION, JudgeConfig
 from pipelines.score import (
-    JUDGE_SYSTEM,
-    PROMPT_VERSION,
-    JudgeConfig,
-    JudgeError,
     bootstrap_ci,
-    extract_choice,
     format_table,
     judge_messages,
     main,
     normalize,
-    parse_verdict,
     read_rows,
-    score_file,
     score_rows,
+    scoring_record_path,
+    scoring_settings,
     sweep_table,
+    write_scoring_record,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -76,14 +62,15 @@ def test_exact_per_category_and_overall():
     result = score_rows(ROWS)
     assert result["metric"] == "exact" and result["requests"] == 0
     assert {c: _plain(g) for c, g in result["by_category"].items()} == {
-        "color": {"n": 3, "correct": 2, "accuracy": 2 / 3, "unparseable": 0, "errors": 0},
-        "count": {"n": 2, "correct": 0, "accuracy": 0.0, "unparseable": 0, "errors": 1},
+        "color": {"n": 3, "correct": 2, "wrong": 1, "errors": 0, "accuracy": 2 / 3, "unparseable": 0},
+        "count": {"n": 2, "correct": 0, "wrong": 1, "errors": 1, "accuracy": 0.0, "unparseable": 0},
     }
-    assert _plain(result["overall"]) == {"n": 5, "correct": 2, "accuracy": 0.4, "unparseable": 0, "errors": 1}
+    assert _plain(result["overall"]) == {"n": 5, "correct": 2, "wrong": 2, "errors": 1, "accuracy": 0.4,
+                                         "unparseable": 0}  # fmt: skip
     assert result["unscored"] == 1
     assert result["visual_tokens_kept_mean"] == pytest.approx((136 * 4 + 100) / 5)
     assert result["answer_seconds_mean"] == 0.5
-    assert "score" not in result["overall"] and "judge_model" not in result
+    assert "score" not in result["overall"] and "judge" not in result
 
 
 def test_category_only_from_the_column_and_old_files_without_it():
@@ -120,7 +107,7 @@ def test_cli_on_jsonl_and_parquet(tmp_path, capsys):
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     result = main([str(jsonl)])
     printed = capsys.readouterr().out
-    assert "| overall | 5 | 2 | 1 | 0.400 |" in printed and "| color | 3 | 2 | 0 | 0.667 |" in printed
+    assert "| overall | 5 | 2 | 2 | 1 | 0.400 |" in printed and "| color | 3 | 2 | 1 | 0 | 0.667 |" in printed
     written = json.loads((tmp_path / "out.scores.json").read_text())
     assert written == result and written["source"] == str(jsonl) and written["overall"]["correct"] == 2
     old = [{k: v for k, v in r.items() if k not in ("category", "options")} for r in ROWS]  # an old file
@@ -132,7 +119,7 @@ def test_cli_on_jsonl_and_parquet(tmp_path, capsys):
     assert list(from_parquet["by_category"]) == ["all"]
     assert json.loads((tmp_path / "p.json").read_text())["source"] == str(parquet)
     header = format_table(result).splitlines()[0]
-    assert header == "| category | n | correct | errors | accuracy | ci95 | unparseable |"
+    assert header == "| category | n | correct | wrong | errors | accuracy | ci95 | unparseable |"
 
 
 def test_bad_inputs_are_named(tmp_path):
@@ -163,29 +150,24 @@ def test_bad_inputs_are_named(tmp_path):
 OPTIONS = ["red circle", "blue square", "green triangle", "yellow star"]
 
 
-@pytest.mark.parametrize(
-    ("reply", "letter"),
-    [("B", "B"), ("b", "B"), ("(B)", "B"), ("[B]", "B"), ("B.", "B"), ("B)", "B"), ("B: blue square", "B"),
-     ("B. red circle", "B"),  # the letter, marked as one, wins over the text after it
-     ("The best answer is C.", "C"), ("The correct answer is (D)", "D"), ("Answer: (D) yellow star", "D"),
-     ("the answer is b", "B"), ("Best option: (b)", "B"), ("**C**", "C"), ("'C'", "C"),
-     ("The blue square.", "B"),  # the whole reply is an option's text
-     ("A red circle", "A"), ("A blue square", "B"),  # "A" as an article: the text decides
-     ("C green", "C"), ("I think (C) is right", "C"), ("It is C, the one that moves.", "C"),
-     ("The object is a green triangle moving left", "C"),  # one option's text inside the reply
-     ("green triangle or blue square", None),  # two: no choice
-     ("red", None), ("E", None), ("The answer is E.", None),  # beyond the 4 options
-     ("I don't know", None), ("", None), (None, None)],
-)
-def test_extract_choice(reply, letter):
-    assert extract_choice(reply, OPTIONS) == letter
-
-
-def test_extract_choice_options_with_their_own_letters_and_nested_texts():
-    lettered = ["A. dark red", "B. red", "C. blue"]
-    assert extract_choice("It was dark red", lettered) == "A"  # "red" inside "dark red" drops out
-    assert extract_choice("red", lettered) == "B"
-    assert extract_choice("B", lettered) == "B"
+def test_choice_reads_replies_by_the_rule_and_divides_as_its_reference():
+    """The rule decides the letter (tests/test_extraction.py holds each rule's table): the same replies
+    under Video-MME's own script and lmms-eval's current rule; `reference_accuracy` leaves out what the
+    reference's accuracy leaves out (Video-MME's script: the replies it cannot read)."""
+    rows = [_mc("1", "Choice A", "A"), _mc("2", "the answer is b", "B"), _mc("3", "Based on it, D", "D"),
+            _mc("4", "D", "A", error="decode")]  # fmt: skip
+    authors = score_rows(rows, rule="videomme")
+    # "Choice A" -> the C of "Choice"; "the answer is b" -> nothing, not counted; "Based..." -> B; the
+    # error row is an empty response in the results file: not counted either
+    overall = authors["overall"]
+    assert authors["rule"] == "videomme"
+    assert (overall["correct"], overall["unparseable"], overall["errors"]) == (0, 1, 1)
+    assert overall["accuracy"] == 0 and overall["reference_accuracy"] == 0 / 2
+    current = score_rows(rows, rule="lmms_eval")  # "Choice A" -> A (end), "b" -> none, "... D" -> D (end)
+    assert (current["overall"]["correct"], current["overall"]["unparseable"]) == (2, 1)
+    assert current["overall"]["accuracy"] == current["overall"]["reference_accuracy"] == 2 / 4
+    assert score_rows(rows)["rule"] == "lmms_eval"  # the generic rule
+    assert "lmms_eval/tasks/_task_utils/mcq_extract.py" in current["rule_reference"]
 
 
 def _mc(qid, prediction, answer, category="attr", video="v0", error=None):
@@ -203,103 +185,13 @@ def test_choice_metric_is_the_default_with_options():
     assert result["metric"] == "choice" and result["unscored"] == 1
     counts = {c: (g["n"], g["correct"], g["unparseable"], g["errors"])
               for c, g in result["by_category"].items()}  # fmt: skip
-    assert counts == {"attr": (4, 3, 0, 0), "count": (2, 0, 1, 1), "open": (1, 1, 0, 0)}  # open-ended: exact
-    assert result["overall"]["accuracy"] == 4 / 7
+    # lmms-eval's rule reads letters only: "blue square" and a lower-case "a" name no option
+    assert counts == {"attr": (4, 1, 2, 0), "count": (2, 0, 1, 1), "open": (1, 1, 0, 0)}  # open-ended: exact
+    assert result["overall"]["accuracy"] == 2 / 7
     assert score_rows(rows, metric="exact")["overall"]["correct"] == 2  # "a" == "a" and "red" == "red"
 
 
 # ----------------------------------------------------------------------------------------------- judge
-
-
-class JudgeServer:
-    """An OpenAI-compatible chat-completions endpoint on loopback. `script(question, attempt)` returns
-    (status, reply text, seconds to wait first); every request is counted per question."""
-
-    def __init__(self, script, delay: float = 0.0):
-        self.script, self.delay = script, delay
-        self.seen: Counter[str] = Counter()
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                user = body["messages"][1]["content"]
-                question = user.split("Question: ", 1)[1].split("\nCorrect Answer:", 1)[0]
-                with server.lock:
-                    server.seen[question] += 1
-                    attempt = server.seen[question]
-                server.bodies.append(body)
-                status, text, wait = server.script(question, attempt)
-                time.sleep(wait + server.delay)
-                payload = {"id": "cmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": text}}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-                if status != 200:
-                    payload = {"error": {"message": text, "type": "server_error"}}
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:  # the client gave up (timeout)
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.bodies: list[dict] = []
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-QUIRKS = {  # question: the judge's reply, in the forms real judges produce
-    "q0?": "{'pred': 'yes', 'score': 4}",
-    "q1?": 'Here is my evaluation: {"pred": "NO", "score": "1"} Hope this helps!',
-    "q2?": "{'pred': 'Yes', 'score': 5}",  # after one HTTP 500
-    "q3?": "I cannot evaluate this answer without the video.",  # unparseable
-    "q4?": "{'pred': 'YES', 'score': '3'}",  # after one reply slower than the timeout
-}
-
-
-def quirky(question: str, attempt: int) -> tuple[int, str, float]:
-    if question == "q2?" and attempt == 1:
-        return 500, "overloaded", 0.0
-    if question == "q4?" and attempt == 1:
-        return 200, "{'pred': 'no', 'score': 0}", 2.0
-    return 200, QUIRKS.get(question, "{'pred': 'no', 'score': 0}"), 0.0
-
-
-def _judged_rows() -> list[dict]:
-    rows = [{"id": f"q{i}", "video": f"v{i // 2}", "question": f"q{i}?", "answer": "a red ball",
-             "prediction": f"reply {i}", "category": "open", "error": None} for i in range(5)]  # fmt: skip
-    rows.append({**rows[0], "id": "q5", "question": "q5?", "prediction": None, "error": "decode: broken"})
-    rows.append({**rows[0], "id": "q0-again", "video": "v9"})  # the same triple: judged once
-    rows.append({**rows[1], "id": "q-none", "answer": None})  # not scored
-    return rows
-
-
-def test_parse_verdict_forms():
-    assert parse_verdict("{'pred': 'yes', 'score': 4}") == (True, 4)
-    assert parse_verdict('Sure! {"pred": "No", "score": "2"}.') == (False, 2)
-    assert parse_verdict("{'pred': 'YES', 'score': 4.8}") == (True, 4)  # truncated like int(4.8)
-    assert parse_verdict("pred: no, score: 0") == (False, 0)
-    for bad in ("yes", "{'pred': 'maybe', 'score': 3}", "{'pred': 'yes'}", "{'pred': 'yes', 'score': 9}",
-                None):
-        assert parse_verdict(bad) is None
 
 
 def test_judge_messages_shows_options_and_the_correct_one():
@@ -308,146 +200,75 @@ def test_judge_messages_shows_options_and_the_correct_one():
                                    "D. yellow star", "B. blue square", "B")  # fmt: skip
 
 
-def test_judge_quirky_replies_retries_store_and_rerun(tmp_path, monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    monkeypatch.setenv("MY_JUDGE_KEY", "sk-test")
-    output = tmp_path / "predictions.jsonl"
-    output.write_text("".join(json.dumps(r) + "\n" for r in _judged_rows()))
-    with JudgeServer(quirky) as server:
-        judge = JudgeConfig(url=server.url, model="judge-m", key_env="MY_JUDGE_KEY", concurrency=3, retries=2,
-                            timeout=0.5, backoff=0.05)  # fmt: skip
-        result = score_file(output, metric="judge", judge=judge)
-        # five distinct triples, one 500 and one timeout retried: 7 requests, on both sides
-        assert result["requests"] == 7 and sum(server.seen.values()) == 7
-        assert server.seen == {"q0?": 1, "q1?": 1, "q2?": 2, "q3?": 1, "q4?": 2}
-        body = server.bodies[0]
-        assert body["temperature"] == 0 and body["model"] == "judge-m"
-        assert body["messages"][0] == {"role": "system", "content": JUDGE_SYSTEM}
-        # verdicts: yes 4, no 1, yes 5, unparseable, yes 3; error row wrong; q0-again yes 4
-        overall = result["overall"]
-        assert (overall["n"], overall["correct"], overall["errors"], overall["unparseable"]) == (7, 4, 1, 1)
-        assert overall["accuracy"] == 4 / 7
-        assert overall["score"] == pytest.approx((4 + 1 + 5 + 0 + 3 + 0 + 4) / 7)
-        assert result["unscored"] == 1
-        assert (result["judge_model"], result["judge_url"], result["prompt_version"]) == (
-            "judge-m", server.url, PROMPT_VERSION)
-        assert json.loads((tmp_path / "predictions.scores.json").read_text()) == result
-        store = tmp_path / "predictions.verdicts.sqlite"
-        with closing(sqlite3.connect(store)) as db:
-            assert db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0] == 5
-        # a rerun: every verdict from the store, not one request
-        again = main([str(output), "--judge-url", server.url, "--judge-model", "judge-m",
-                      "--judge-timeout", "0.5"])  # fmt: skip
-        assert again["requests"] == 0 and sum(server.seen.values()) == 7
-        assert {**again, "requests": 7} == result
-        # another judge model is another verdict
-        other = score_rows(_judged_rows(), metric="judge", judge=JudgeConfig(url=server.url, model="judge-2",
-                           timeout=0.5, backoff=0.05), store_path=store)  # fmt: skip
-        assert other["requests"] == 5 and sum(server.seen.values()) == 12  # (no 500 or timeout this time)
-
-
-def test_judge_failures_stop_the_run_and_keep_what_was_stored(tmp_path, monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-
-    def failing(question, attempt):
-        if question == "q1?":
-            return 401, "invalid api key", 0.0
-        if question == "q2?":
-            return 503, "down", 0.0
-        return 200, "{'pred': 'yes', 'score': 5}", 0.0
-
-    rows = _judged_rows()[:3]
-    store = tmp_path / "v.sqlite"
-    with JudgeServer(failing) as server:
-        judge = JudgeConfig(url=server.url, model="m", concurrency=1, retries=2, timeout=5, backoff=0.01)
-        with pytest.raises(JudgeError, match=r"HTTP 401 \(is the key in \$OPENAI_API_KEY\?\)"):
-            score_rows(rows[:2], metric="judge", judge=judge, store_path=store)
-        assert server.seen["q1?"] == 1  # not retried
-        with pytest.raises(JudgeError, match="InternalServerError on 3 attempts"):
-            score_rows([rows[0], rows[2]], metric="judge", judge=judge, store_path=store)
-        assert server.seen == {"q0?": 1, "q1?": 1, "q2?": 3}  # q0's verdict was kept from the first run
-
-
-def test_sigkill_while_judging_then_rerun_scores_each_question_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    rows = [{"id": f"k{i}", "video": f"v{i % 3}", "question": f"k{i}?", "answer": "two",
-             "prediction": f"{i} things", "category": "count" if i % 2 else "color", "error": None}
-            for i in range(8)]  # fmt: skip
-
-    def verdict(question, attempt):
-        i = int(question[1:-1])
-        return 200, f"{{'pred': '{'yes' if i % 3 else 'no'}', 'score': {i % 6}}}", 0.0
-
-    killed, clean = tmp_path / "killed" / "predictions.jsonl", tmp_path / "clean" / "predictions.jsonl"
-    for output in (killed, clean):
-        output.parent.mkdir()
-        output.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    store = killed.with_name("predictions.verdicts.sqlite")
-    with JudgeServer(verdict, delay=0.25) as server:
-        args = ["--judge-url", server.url, "--judge-model", "m", "--judge-concurrency", "1",
-                "--judge-timeout", "10"]  # fmt: skip
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.score", str(killed), *args], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        stored, deadline = 0, time.monotonic() + 60
-        while stored < 3 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-            if store.exists():
-                with closing(sqlite3.connect(store, timeout=10)) as db:
-                    try:
-                        stored = db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
-                    except sqlite3.OperationalError:  # the table is not there yet
-                        pass
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        with closing(sqlite3.connect(store)) as db:
-            stored = db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
-        assert proc.returncode == -signal.SIGKILL and 3 <= stored < 8
-        assert not killed.with_name("predictions.scores.json").exists()
-        resumed = main([str(killed), *args])
-        seen = dict(server.seen)
-        # each question asked once over both runs, but the one in flight at the kill
-        assert set(seen) == {r["question"] for r in rows}
-        assert sorted(seen.values())[:-1] == [1] * 7 and sorted(seen.values())[-1] in (1, 2)
-        assert resumed["requests"] == 8 - stored  # what the store lacked, each once
-        server.seen.clear()
-        reference = main([str(clean), *args])
-        assert reference["requests"] == 8
-    same = ("overall", "by_category", "unscored", "metric", "judge_model", "prompt_version")
-    assert {k: resumed[k] for k in same} == {k: reference[k] for k in same}
-    assert resumed["overall"]["n"] == 8 and resumed["overall"]["unparseable"] == 0
-
-
 # ---------------------------------------------------------------------------------------------- sweeps
 
 
 def test_sweep_folder_gives_one_row_per_job_with_retention(tmp_path, capsys):
-    jobs = {"0": (["compression=none", "data.manifest=q.jsonl"], ["red", "two", "up", "top"], 520),
-            "1": (["compression=visionzip", "compression.dominant=4"], ["red", "one", "up", "top"], 40)}
+    error = {"prediction": None, "visual_tokens_kept": None, "error": "decode: broken"}
+    jobs = {"0": (["compression=none", "data.manifest=q.jsonl"], ["red", "two", "up", "top"], 520, True),
+            "1": (["compression=visionzip", "compression.dominant=4"], ["red", "one", "up", None], 40, True),
+            "2": (["compression=pool"], ["red", "one", None, "top"], 30, False)}  # no answers: not scorable
     truth = [("color", "red", "v0"), ("count", "two", "v0"), ("direction", "up", "v1"),
              ("half", "bottom", "v1")]
-    for name, (overrides, predictions, tokens) in jobs.items():
+    for name, (overrides, predictions, tokens, answers) in jobs.items():
         (tmp_path / name / ".hydra").mkdir(parents=True)
         (tmp_path / name / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-        rows = [{"id": f"{v}-{c}", "video": v, "category": c, "answer": a, "prediction": p,
-                 "visual_tokens_kept": tokens, "error": None}
+        rows = [{"id": f"{v}-{c}", "video": v, "category": c, "answer": a if answers else None,
+                 "prediction": p, "visual_tokens_kept": tokens, "error": None, **(error if p is None else {})}
                 for (c, a, v), p in zip(truth, predictions, strict=True)]  # fmt: skip
         (tmp_path / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp_path / name / "predictions.summary.json").write_text("{}")
     rows = main([str(tmp_path)])
-    assert [(r["setting"], r["visual_tokens"], r["overall"], r["retention"]) for r in rows] == [
-        ("compression=none", 520, 0.75, 1.0),
-        ("compression=visionzip compression.dominant=4", 40, 0.5, 0.5 / 0.75),
-    ]
-    assert rows[1]["count"] == 0.0 and rows[0]["half"] == 0.0 and rows[0]["metric"] == "exact"
-    assert all(r["ci95"][0] <= r["overall"] <= r["ci95"][1] for r in rows)
+    columns = ("setting", "visual_tokens", "overall", "rows", "wrong", "errors", "retention")
+    assert [tuple(r[c] for c in columns) for r in rows] == [
+        ("compression=none", 520, 0.75, 4, 1, 0, 1.0),
+        ("compression=visionzip compression.dominant=4", 40, 0.5, 4, 1, 1, 0.5 / 0.75),
+        ("compression=pool", 30, None, 4, None, 1, None),  # its error row counted, no accuracy
+    ]  # fmt: skip
+    assert rows[1]["count"] == 0.0 and rows[1]["half"] == 0.0 and rows[0]["metric"] == "exact"
+    assert rows[2]["note"] == "no answers: not scorable" and "color" not in rows[2]
+    assert rows[2]["metric"] is None
+    assert all(r["ci95"][0] <= r["overall"] <= r["ci95"][1] for r in rows[:2])
     table = (tmp_path / "scores_table.md").read_text()
-    header, _, _, last = table.splitlines()
+    header, _, _, visionzip, pool = table.splitlines()
     assert header.split(" | ")[1:] == ["visual_tokens", "color", "count", "direction", "half", "overall",
-                                       "ci95", "errors", "retention |"]  # fmt: skip
-    cells = last.split(" | ")[1:]
-    assert cells[:6] + cells[7:] == ["40.000", "1.000", "0.000", "1.000", "0.000", "0.500", "0", "0.667 |"]
+                                       "ci95", "rows", "wrong", "errors", "retention", "metric", "note |"]
+    cells = visionzip.split(" | ")[1:]
+    assert cells[:6] + cells[7:] == ["40.000", "1.000", "0.000", "1.000", "0.000", "0.500", "4", "1", "1",
+                                     "0.667", "exact", " |"]  # fmt: skip
+    assert pool == ("| compression=pool | 30.000 |  |  |  |  |  |  | 4 |  | 1 |  |  | no answers: not "
+                    "scorable |")
     assert json.loads((tmp_path / "scores_table.json").read_text()) == rows
     assert json.loads((tmp_path / "1" / "predictions.scores.json").read_text())["overall"]["accuracy"] == 0.5
+    assert not (tmp_path / "2" / "predictions.scores.json").exists()
     assert table in capsys.readouterr().out
     with pytest.raises(ValueError, match="no job folders"):
         sweep_table(tmp_path / "0")
+
+
+def test_the_jobs_scoring_record_scores_its_output_without_flags(tmp_path, capsys):
+    output = tmp_path / "predictions.jsonl"
+    rows = [_mc("1", "The answer is B.", "B"), _mc("2", "B", "B")]  # with options
+    output.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    no_record = main([str(output)])  # from the rows
+    assert no_record["metric"] == "choice" and no_record["overall"]["correct"] == 2
+    write_scoring_record(output, "manifest", "exact", None)
+    assert main([str(output)])["overall"]["correct"] == 1  # as recorded: the texts compared
+    assert main([str(output), "--metric", "choice"])["overall"]["correct"] == 2  # a flag overrides
+    judge = JudgeConfig(url="http://127.0.0.1:9/v1", model="judge-m", key_env="MY_KEY", temperature=0,
+                        reask=2)
+    write_scoring_record(output, "videollava", "judge", judge, served_model="judge-m-0125")
+    record = json.loads(scoring_record_path(output).read_text())
+    assert record == {"data_format": "videollava", "metric": "judge", "rule": None,
+                      "served_model": "judge-m-0125",
+                      "judge": {**asdict(judge), "prompt_version": PROMPT_VERSION}}  # fmt: skip
+    assert scoring_settings(output) == ("judge", judge)
+    assert scoring_settings(output, judge_overrides={"concurrency": 2, "temperature": None}) == (
+        "judge", replace(judge, concurrency=2, temperature=None))
+    assert scoring_settings(output, metric="exact") == ("exact", None)
+    write_scoring_record(output, "videollava", "judge", JudgeConfig())  # a job run without a judge
+    assert scoring_settings(output) == ("judge", JudgeConfig())
+    with pytest.raises(SystemExit):
+        main([str(output)])
+    assert "--judge-url must be set; --judge-model must be set (scored by an LLM judge; nothing usable " \
+           "recorded in predictions.scoring.json)" in capsys.readouterr().err

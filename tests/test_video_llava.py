@@ -9,10 +9,11 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import GenerationConfig, LlamaConfig
 
 from stages.answer import CAPTION_PROMPT, PROMPT, AnswerConfig, AnswerStage, GenerateConfig, question_text
 from stages.encode import CompressionConfig, EncodeStage, TemporalConfig
+from stages.engine import Conversation, Video
 from stages.model import ModelConfig, ModelLoadError, load_video_llava
 from stages.testing import build_tiny_video_llava
 from visionzip import zip_clip
@@ -137,9 +138,10 @@ def test_none_gives_hf_logits_and_greedy_output(tiny):
     with torch.inference_mode():
         hf_logits = model(**hf_inputs, pixel_values_videos=pixels).logits
         our_logits = model(**ours).logits
-        hf_new = model.generate(
-            **hf_inputs, pixel_values_videos=pixels, generation_config=answerer.generation_config
-        )[0, hf_inputs.input_ids.shape[1] :]
+        greedy = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+        hf_new = model.generate(**hf_inputs, pixel_values_videos=pixels, generation_config=greedy
+                                )[0, hf_inputs.input_ids.shape[1] :]
     assert our_logits.shape == hf_logits.shape == (1, hf_inputs.input_ids.shape[1], len(tokenizer))
     torch.testing.assert_close(our_logits, hf_logits, atol=1e-4, rtol=0)
     answer = answerer.answer([encoded.embeds], [QUESTION])[0]
@@ -285,7 +287,7 @@ def test_sampling_uses_temperature_and_top_p(tiny):
     embeds = EncodeStage(model).encode([make_video(2, seed=12)])[0].embeds
     sampler = AnswerStage(model, tokenizer,
                           config=answering(do_sample=True, temperature=5.0, top_p=0.95, max_new_tokens=8))
-    assert sampler.generation_config.temperature == 5.0 and sampler.generation_config.top_p == 0.95
+    assert sampler.sampling.temperature == 5.0 and sampler.sampling.top_p == 0.95
     torch.manual_seed(0)
     first = sampler.answer([embeds], [QUESTION])[0].token_ids
     torch.manual_seed(0)
@@ -428,3 +430,41 @@ def test_multiple_choice_questions_are_asked_with_lettered_options():
     assert question_text("Q?", ("x", "y"), "{options} | {question}") == "(A) x\n(B) y | Q?"
     assert AnswerConfig(choice_prompt="{question} only").problems() == [
         "choice_prompt must contain {question} and {options}, got '{question} only'"]
+
+
+def test_visual_position_ids_flow_through_both_paths(tiny):
+    """Kept tokens' own positions (here every third slot): the text after the video continues after the
+    last one; reuse on and off agree in float32, and equal a direct forward with the positions written out."""
+    model, tokenizer = tiny
+    embeds = EncodeStage(model).encode([make_video(4, seed=13)])[0].embeds
+    spread = np.arange(len(embeds)) * 3
+    logits = {}
+    for reuse in (False, True):
+        stage = AnswerStage(model, tokenizer, config=answering(max_new_tokens=4, reuse_prefix=reuse))
+        stage.engine.record_logits = True
+        out = stage({"visual_embeds": [embeds.numpy()] * 2, "visual_positions": [spread, None],
+                     "questions": [[QUESTION, "Why?"], [QUESTION]]})
+        assert out["error"] == [None, None]
+        answers = stage.engine.generate(
+            [Video(embeds, torch.as_tensor(spread)), Video(embeds)],
+            [Conversation(0, [QUESTION]), Conversation(1, [QUESTION])], stage.sampling)
+        assert out["predictions"] == [[answers[0][0].text, out["predictions"][0][1]], [answers[1][0].text]]
+        logits[reuse] = [a[0].logits for a in answers]
+    torch.testing.assert_close(logits[True][0], logits[False][0], atol=1e-5, rtol=1e-5)
+    ids = tokenizer(PROMPT.format(question=QUESTION)).input_ids
+    at = ids.index(model.config.video_token_id)
+    after = len(ids) - at - 1
+    positions = torch.cat([torch.arange(at), at + torch.as_tensor(spread),
+                           at + int(spread[-1]) + 1 + torch.arange(after)])[None]
+    text = model.get_input_embeddings()(torch.tensor(ids))
+    inputs = torch.cat([text[:at], embeds, text[at + 1 :]])[None]
+    with torch.inference_mode():
+        direct = model(inputs_embeds=inputs, position_ids=positions).logits[0, -1]
+    torch.testing.assert_close(logits[False][0][0], direct, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits[False][0][0], logits[False][1][0], atol=1e-3)  # the positions matter
+    stage = AnswerStage(model, tokenizer)
+    for bad, problem in ((spread[:-1], rf"must be \[{len(embeds)}\] integers"), (spread * 1.0, "integers"),
+                         (spread[::-1].copy(), "non-decreasing"), (spread - 5, ">= 0")):
+        with pytest.raises(ValueError, match=rf"visual positions 0 .*{problem}"):
+            stage.engine.generate([Video(embeds, torch.as_tensor(bad))], [Conversation(0, ["Why?"])],
+                                  stage.sampling)

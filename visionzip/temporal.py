@@ -41,6 +41,7 @@ class MergeResult:
     frame: torch.Tensor  # [M] long: frame where the group first appears
     size: torch.Tensor  # [M] long: how many of the T*K input tokens the group stands for
     first: torch.Tensor | None = None  # [M] long: flat index t * K + k of the group's first member
+    group_of: torch.Tensor | None = None  # [T, K] long: the group (row of `tokens`) each input token joined
 
 
 def merge_frames(
@@ -93,12 +94,13 @@ def merge_frames(
     group, group_of = root.flatten().unique(sorted=True, return_inverse=True)
     size = torch.bincount(group_of, minlength=group.numel())
     if match == "prune":
-        return MergeResult(tokens.reshape(frames * k, dim)[group], group // k, size, group)
+        return MergeResult(tokens.reshape(frames * k, dim)[group], group // k, size, group,
+                           group_of.view(frames, k))
     wd = work_dtype(tokens.dtype)
     sums = torch.zeros(group.numel(), dim, dtype=wd, device=tokens.device)
     sums.index_add_(0, group_of, tokens.reshape(frames * k, dim).to(wd))
     merged = (sums / size.unsqueeze(1)).to(tokens.dtype)
-    return MergeResult(merged, group // k, size, group)
+    return MergeResult(merged, group // k, size, group, group_of.view(frames, k))
 
 
 def _allowed_pairs(

@@ -20,6 +20,9 @@ class ZipResult:
     tokens: torch.Tensor  # [B, dominant + contextual, D]: dominant tokens, then contextual tokens
     dominant_index: torch.Tensor  # [B, dominant] long, ascending positions in 0..N-1 (CLS = 0 first)
     contextual_size: torch.Tensor  # [B, contextual] long, tokens each contextual token stands for
+    # [B, N] long: for each input token, the contextual token (0..contextual-1) it was merged into; -1 for
+    # the dominant tokens (kept as they are). For pictures of what is kept (`visionzip.vis`).
+    contextual_assignment: torch.Tensor
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,8 +59,9 @@ def zip_tokens(
     cls = torch.zeros(batch, 1, dtype=top.dtype, device=top.device)
     dominant_index = torch.cat([cls, top], dim=1).sort(dim=1).values
     kept = features[rows, dominant_index]
+    assignment = torch.full((batch, n), -1, dtype=torch.long, device=features.device)
     if contextual == 0:
-        return ZipResult(kept, dominant_index, dominant_index.new_zeros(batch, 0))
+        return ZipResult(kept, dominant_index, dominant_index.new_zeros(batch, 0), assignment)
 
     rest = torch.ones(batch, n, dtype=torch.bool, device=features.device)
     rest[rows, dominant_index] = False
@@ -69,13 +73,16 @@ def zip_tokens(
 
     keys = F.normalize(metric[rows, rest_index].to(wd), dim=-1)
     similarity = keys[:, ~is_target] @ keys[:, is_target].transpose(1, 2)  # [B, R - C, C]
-    assign = F.one_hot(similarity.argmax(dim=2), contextual).to(wd)  # argmax: first index on ties
+    joins = similarity.argmax(dim=2)  # [B, R - C]: each member's target; argmax: first index on ties
+    assign = F.one_hot(joins, contextual).to(wd)
     members = features[rows, rest_index[:, ~is_target]].to(wd)
     count = assign.sum(dim=1).unsqueeze(-1)  # [B, C, 1]
     mean = (assign.transpose(1, 2) @ members) / count.clamp(min=1)
     merged = features[rows, rest_index[:, is_target]].to(wd) + mean
     tokens = torch.cat([kept, merged.to(features.dtype)], dim=1)
-    return ZipResult(tokens, dominant_index, count.squeeze(-1).long() + 1)
+    assignment[rows, rest_index[:, is_target]] = torch.arange(contextual, device=features.device)
+    assignment[rows, rest_index[:, ~is_target]] = joins
+    return ZipResult(tokens, dominant_index, count.squeeze(-1).long() + 1, assignment)
 
 
 def _check_inputs(
