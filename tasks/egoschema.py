@@ -27,12 +27,11 @@ from tasks.tables import (
     absent_fields,
     as_path,
     field_text,
-    load_table,
     make_questions,
     option_fields,
     option_letter,
-    raise_problems,
     require,
+    required_table,
     strip_letters,
     video_root,
 )
@@ -47,9 +46,7 @@ def read(data: DataConfig) -> list[Question]:
     path = as_path(data.annotations)
     label = f"egoschema annotations {path}"
     problems: list[str] = []
-    table = load_table(path, problems)
-    if table is None:
-        raise_problems(label, problems)
+    table = required_table(path, label, problems)
     columns = table.columns if table.columns is not None else {k for _, r in table.rows for k in r}
     release = "q_uid" in columns  # the release's questions.json
     options = tuple(f"option {i}" for i in range(5)) if release else ("option",)

@@ -21,13 +21,12 @@ from tasks.tables import (
     absent_fields,
     as_path,
     field_text,
-    load_table,
     make_questions,
     missing,
     option_fields,
     option_letter,
-    raise_problems,
     require,
+    required_table,
     video_root,
 )
 from tasks.task import Task
@@ -41,9 +40,7 @@ def read(data: DataConfig) -> list[Question]:
     path = as_path(data.annotations)
     label = f"nextqa annotations {path}"
     problems: list[str] = []
-    table = load_table(path, problems)
-    if table is None:
-        raise_problems(label, problems)
+    table = required_table(path, label, problems)
     options = tuple(f"a{i}" for i in range(5))
     absent = absent_fields(table, ("video", "qid", "question", "answer", *options), problems)
     entries = []

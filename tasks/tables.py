@@ -243,6 +243,14 @@ def missing(problems: list[str], table: Table, where: str, field_name: str, abse
         problems.append(f"{table.path} {where}: missing {field_name}")
 
 
+def required_table(path: Path, label: str, problems: list[str]) -> Table:
+    """`load_table`, or a `ManifestError` naming `label` with `problems` when the file cannot be read."""
+    table = load_table(path, problems)
+    if table is None:
+        raise_problems(label, problems)
+    return table
+
+
 def raise_problems(label: str, problems: list[str]) -> None:
     if problems:
         raise ManifestError(f"{label} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))

@@ -26,10 +26,9 @@ from tasks.tables import (
     absent_fields,
     as_path,
     field_text,
-    load_table,
     make_questions,
-    raise_problems,
     require,
+    required_table,
     strip_letters,
     video_root,
 )
@@ -53,9 +52,7 @@ def read(data: DataConfig) -> list[Question]:
     path = as_path(data.annotations)
     label = f"videomme annotations {path}"
     problems: list[str] = []
-    table = load_table(path, problems)
-    if table is None:
-        raise_problems(label, problems)
+    table = required_table(path, label, problems)
     if table.columns is None and any(isinstance(r.get("questions"), list) for _, r in table.rows):
         # the release's nested JSON: one record per video, its questions in `questions`
         rows = [(f"{where} question {n}", {**{k: v for k, v in video.items() if k != "questions"}, **q})
