@@ -304,12 +304,17 @@ class NodeWatch:
         wait forever."""
         alive = self.alive_nodes()
         ids = {node.id for node in alive}
-        for node in self.nodes:
-            if node.id not in ids and node not in self.lost:
-                self.lost.append(node)
-                log.warning("%s left the cluster: Ray restarts its actors on the nodes left and retries "
-                            "their batches", node)
-        if self.lost and placement_problems(self.job, self.stages, alive):
+        gone = [node for node in self.nodes if node.id not in ids and node not in self.lost]
+        if not gone:
+            return
+        self.lost.extend(gone)
+        stuck = placement_problems(self.job, self.stages, alive)
+        for node in gone:
+            log.warning("%s left the cluster: %s", node,
+                        "the nodes left cannot hold the running pools; the clips not yet finished are placed "
+                        "anew" if stuck else "Ray restarts its actors on the nodes left and retries their "
+                        "batches")
+        if stuck:
             raise NodesLost(self.lost)
 
 

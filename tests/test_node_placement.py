@@ -104,8 +104,8 @@ def test_a_lost_node_is_logged_and_stops_the_job_when_no_node_left_holds_a_stage
     with caplog.at_level(logging.WARNING, logger="pipelines.runner"), pytest.raises(NodesLost) as lost:
         watch.check()  # the pools planned for two nodes no longer fit on the one left: run_ray re-plans
     assert [r.getMessage() for r in caplog.records] == [
-        "node cccccccc (4 CPUs, 0 GPUs) left the cluster: Ray restarts its actors on the nodes left and "
-        "retries their batches"]
+        "node cccccccc (4 CPUs, 0 GPUs) left the cluster: the nodes left cannot hold the running pools; the "
+        "clips not yet finished are placed anew"]
     assert lost.value.nodes == [cpu_node] and str(lost.value) == "node cccccccc (4 CPUs, 0 GPUs)"
 
 def test_rows_are_watched_while_none_arrive():
