@@ -200,12 +200,20 @@ def stage_of_this_actor() -> str | None:
     return STAGE_OF_CLASS.get(found.group(1)) if found else None
 
 
+_peak_anon_mb = 0.0  # this process's largest `RssAnon` seen by `process_memory` so far
+
+
 def process_memory() -> dict[str, float]:
-    """This process's peak GPU memory by torch's allocator (0 when it never used CUDA) and its peak RSS."""
+    """This process's peak GPU memory by torch's allocator (0 when it never used CUDA), its peak RSS, and
+    the largest anonymous RSS seen at the calls so far (the reporter calls it every `REPORT_EVERY_S`). The
+    peak RSS counts the checkpoint's memory-mapped pages too, which the OS reclaims; the anonymous peak is
+    the host memory a load really holds (e.g. a half copied to host memory before it moves to the GPU)."""
+    global _peak_anon_mb
+    _peak_anon_mb = max(_peak_anon_mb, status_mb("RssAnon"))
     used = torch.cuda.is_initialized()
     return {"gpu_max_allocated_mb": round(torch.cuda.max_memory_allocated() / MB, 1) if used else 0.0,
             "gpu_max_reserved_mb": round(torch.cuda.max_memory_reserved() / MB, 1) if used else 0.0,
-            "peak_rss_mb": round(status_mb("VmHWM"), 1)}
+            "peak_rss_mb": round(status_mb("VmHWM"), 1), "peak_anon_rss_mb": round(_peak_anon_mb, 1)}
 
 
 class DeviceMemorySampler:
@@ -236,10 +244,12 @@ class DeviceMemorySampler:
 @contextmanager
 def ray_reporting_memory(memory_dir: Path, cpus: int | None) -> Iterator[None]:
     """An embedded Ray whose worker processes report their actors' memory into `memory_dir` (the job then
-    uses this session, `pipelines.job.ray_session`); shut down at the end."""
+    uses this session, `pipelines.job.ray_session`); shut down at the end. Reports left in `memory_dir` by
+    an earlier check in the same `--workdir` are removed first (they would count as this job's actors)."""
     import ray
 
-    memory_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(memory_dir, ignore_errors=True)
+    memory_dir.mkdir(parents=True)
     # the workers import this module (by name) for the hook: give them the repository's root
     python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     runtime_env = {"worker_process_setup_hook": report_actor_memory,

@@ -62,6 +62,7 @@ def test_tiny_check_on_the_cpu_writes_every_number(tmp_path: Path) -> None:
     for actor in job["actors"]:
         assert actor["gpu_max_allocated_mb"] == 0.0 and actor["gpu_max_reserved_mb"] == 0.0
         assert is_real(actor["peak_rss_mb"]) and actor["peak_rss_mb"] > 100
+        assert 0 < actor["peak_anon_rss_mb"] <= actor["peak_rss_mb"]
     assert set(job["timeline"]) == {"decode", "encode", "answer"}
     assert job["encode_answer_overlap_s"] == round(spans_overlap(job["timeline"], "encode", "answer"), 3)
     assert rows["job_vllm"] == {"case": "job_vllm", "skipped": "no CUDA GPU (this check measures vLLM on a "
