@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.cli import plain_errors
-from pipelines.config import register, to_tune_config
+from pipelines.cli import check_command_line, plain_errors
+from pipelines.config import TuneJobConfig, register, to_tune_config
 from pipelines.tune import run_tune
 
 register()
@@ -27,4 +28,5 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    check_command_line("tune", TuneJobConfig, sys.argv[1:])  # a config mistake: one line, exit 2
     main()

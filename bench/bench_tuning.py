@@ -16,6 +16,9 @@ token subsets and loses almost nothing at 5 tokens a frame; `models/synth-full` 
 token, as Video-LLaVA was trained) is the model the paper's tuning is for:
 
     .venv/bin/python -m bench.bench_tuning --set test2000 --model models/synth-full --name tuning_synth_full
+
+`--positions original|compact` (`compression.positions`, default: the config's) tunes and answers every
+row with that rule and records it in each row.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from bench.bench_retention import BUDGETS, PAPER_BUDGET, run_setting  # noqa: E4
 from bench.common import CACHE_DIR, goal, print_table, write_result  # noqa: E402
 from pipelines.config import compose_tune  # noqa: E402
 from pipelines.tune import run_tune  # noqa: E402
+from stages.encode import POSITION_RULES, CompressionConfig  # noqa: E402
 from synthqa.clips import QUESTION_TYPES  # noqa: E402
 from synthqa.dataset import HELDOUT, write_dataset  # noqa: E402
 
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--positions", choices=POSITION_RULES, default=CompressionConfig().positions,
+                        help="compression.positions of every row, tuned and answered (default: the config's)")
     parser.add_argument("--name", default="tuning", help="writes bench/results/NAME.json")
     args = parser.parse_args(argv)
     model = str(Path(args.model).resolve())
@@ -68,10 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     if not (train / "manifest.jsonl").exists():
         write_dataset(train, TRAIN_SEED, args.train_clips)
     dominant, contextual = BUDGETS[PAPER_BUDGET]
-    compression = [f"compression.dominant={dominant}", f"compression.contextual={contextual}"]
-    work = CACHE_DIR / "synth" / "tuning" / Path(args.model).name
-    full = run_setting(["compression=none"], heldout / "manifest.jsonl", work / "full.jsonl", model)
-    rows = [{"setting": "full", "tuned": False, "overall": full["overall"]["accuracy"],
+    compression = [f"compression.dominant={dominant}", f"compression.contextual={contextual}",
+                   f"compression.positions={args.positions}"]
+    work = CACHE_DIR / "synth" / "tuning" / Path(args.model).name / args.positions
+    full = run_setting(["compression=none", f"compression.positions={args.positions}"],
+                       heldout / "manifest.jsonl", work / "full.jsonl", model)
+    rows = [{"setting": "full", "tuned": False, "positions": args.positions,
+             "overall": full["overall"]["accuracy"],
              **{t: full["by_category"][t]["accuracy"] for t in QUESTION_TYPES}}]  # fmt: skip
     for method in METHODS:
         tuned = work / f"{method}-{PAPER_BUDGET}-{args.steps}steps"
@@ -83,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                 overrides.append(f"model.projector_path={projector}")
             name = f"{method}-{PAPER_BUDGET}" + ("+tuned" if projector else "")
             result = run_setting(overrides, heldout / "manifest.jsonl", work / f"{name}.jsonl", model)
-            row = {"setting": name, "tuned": projector is not None, "overall": result["overall"]["accuracy"],
+            row = {"setting": name, "tuned": projector is not None, "positions": args.positions,
+                   "overall": result["overall"]["accuracy"],
                    **{t: result["by_category"][t]["accuracy"] for t in QUESTION_TYPES}}  # fmt: skip
             if projector is not None:
                 row.update(tune_steps=summary["steps"], tune_questions=summary["questions"],

@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     common = (f"data.manifest={manifest}", f"model.path={model_dir}", "model.dtype=bfloat16",
               "model.build_tiny=false", "output.overwrite=true",
               f"pipeline.generation.max_new_tokens={args.new_tokens}")
-    engines = {"hf": (), "vllm": ("pipeline.engine=vllm", "pipeline.vllm.enforce_eager=true",
+    engines = {"hf": (), "vllm": ("pipeline.engine=vllm", "compression.positions=compact",  # vLLM: no ids
+                                  "pipeline.vllm.enforce_eager=true",
                                   f"pipeline.vllm.export_dir={workdir / 'vllm'}")}
     rows = [{"case": "checkpoint", "geometry": geometry, "device": str(device), **built,
              "seconds": steps["checkpoint"]},

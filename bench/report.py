@@ -1,14 +1,18 @@
-"""Rewrite the README's benchmark tables from bench/results/*.json (never typed by hand).
+"""Rewrite the documentation's benchmark tables from bench/results/*.json (never typed by hand).
 
-The README marks each table's place with `<!-- bench:NAME -->` ... `<!-- /bench:NAME -->`.
+A page (README.md or docs/*.md) marks each table's place with `<!-- bench:NAME -->` ...
+`<!-- /bench:NAME -->`.
 
-    .venv/bin/python -m bench.report
+    .venv/bin/python -m bench.report            # rewrite the tables
+    .venv/bin/python -m bench.report --check    # exit 1 when a table differs from its result, or is missing
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
 from pipelines.files import markdown_table
@@ -36,19 +40,48 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def update(readme: Path = ROOT / "README.md") -> list[str]:
-    text = readme.read_text()
-    done = []
-    for path in sorted(RESULTS.glob("*.json")):
-        result = json.loads(path.read_text())
-        name = result["bench"]
-        pattern = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda m, r=result: m.group(1) + markdown(r) + "\n" + m.group(2), text)
-            done.append(name)
-    readme.write_text(text)
-    return done
+def pages(root: Path = ROOT) -> list[Path]:
+    """The Markdown files that may hold generated tables: the README and the docs pages."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def _marker(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
+
+
+def update(paths: list[Path] | None = None, write: bool = True) -> list[str]:
+    """Put each result's table between its markers in `paths` (default: `pages()`). Returns what is out of
+    date: `PAGE:NAME` for every table whose text changed (written only when `write`), and `NAME (no page)`
+    for a result whose table is on no page."""
+    results = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]
+    changed, shown = [], set()
+    for page in pages() if paths is None else paths:
+        text = new = page.read_text()
+        for result in results:
+            name = result["bench"]
+            table = markdown(result)
+            before = new
+            new = _marker(name).sub(lambda m, table=table: m.group(1) + table + "\n" + m.group(2), new)
+            shown.update([name] if _marker(name).search(new) else [])
+            if new != before:
+                changed.append(f"{page.name}:{name}")
+        if write and new != text:
+            page.write_text(new)
+    return changed + [f"{r['bench']} (no page)" for r in results if r["bench"] not in shown]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 when a table differs from its result")
+    args = parser.parse_args(argv)
+    changed = update(write=not args.check)
+    if args.check:
+        print("tables out of date: " + ", ".join(changed) if changed else "every table is up to date")
+        return 1 if changed else 0
+    print("updated:", ", ".join(changed) or "nothing (every table was up to date)")
+    return 0
 
 
 if __name__ == "__main__":
-    print("updated:", ", ".join(update()) or "nothing")
+    sys.exit(main())

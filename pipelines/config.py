@@ -3,16 +3,21 @@ and projector tuning (`tune.py`, conf/tune.yaml).
 
 Each stage owns the dataclass of its section (`ModelConfig`, `DecodeConfig`, `CompressionConfig`,
 `AnswerConfig`) with the checks of its values (`problems()`); this module composes them with the job's own
-sections (data, output, resources, ray, tune). Hydra merges the YAML groups into these dataclasses, so an
-unknown key or a wrong type fails at start naming it. `job_problems` / `tune_problems` gather every value
+sections (data, output, resources, ray, tune). Every default is defined once, in these dataclasses:
+`register` puts them in Hydra's ConfigStore as the schema, and the YAML files of conf/ only pick the groups,
+set what a group option changes, and bind the values known per job (the job's Hydra output folder, the
+set's own prompts). Hydra merges them into these dataclasses, so an unknown key or a wrong type fails at
+start naming it. `job_problems` / `tune_problems` gather every value
 problem at once; run with the model's tokens per frame (read from its `config.json` before any work),
 they also check the token budgets against the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
+from typing import get_type_hints
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -36,33 +41,42 @@ class ConfigError(ValueError):
 
 @dataclass
 class StageResources:
-    """One stage's actors (see `pipelines.runner.placement` for what null resolves to)."""
+    """One stage's actors: a pool of `pool_size` actors taking batches of `batch_size` videos (see
+    `ResourcesConfig` for what None resolves to)."""
 
-    num_cpus: float = 1.0
-    num_gpus: float | None = 0.0  # None: encode and answer share each GPU by their model halves' sizes
-    pool_size: int | None = 1  # None: from the cluster (decode: the spare CPUs; answer: one per GPU)
+    num_cpus: float = 0.5
+    num_gpus: float | None = None  # None: encode and answer share each GPU by their model halves' sizes
+    pool_size: int | None = None  # None: from the cluster (decode: the spare CPUs; answer: one per GPU)
     batch_size: int = 4
 
 
 @dataclass
 class ResourcesConfig:
-    decode: StageResources = field(default_factory=StageResources)
+    """Per-stage Ray resources. None = planned node by node on the cluster's alive nodes
+    (`pipelines.runner.placement`, logged at start): without GPUs nothing asks for one, one encode and one
+    answer actor a node; with GPUs encode and answer share each GPU, each asking the fraction its half of
+    the model takes (the 7B: 0.1 and 0.9), one encode actor a GPU node and one answer actor a GPU; decode
+    gets each node's spare CPUs (at most 8 a node). Numbers given are used as they are (a pool_size is the
+    cluster's total). Ray Data restarts an actor that dies and retries its batch; a node lost mid-job is
+    survived (`pipelines.runner`)."""
+
+    decode: StageResources = field(default_factory=lambda: StageResources(num_cpus=1.0, num_gpus=0.0))
     encode: StageResources = field(default_factory=StageResources)
     answer: StageResources = field(default_factory=StageResources)
-    frame_batch_size: int = 64  # frames per CLIP tower call in the encoder
+    frame_batch_size: int = 64  # frames per CLIP tower call in the encoder (bounds encoder memory)
 
 
 @dataclass
 class RayConfig:
     address: str | None = None  # None: start an embedded Ray; "auto" or HOST:PORT: join a cluster
     num_cpus: int | None = None  # embedded Ray only; None = this machine's cores
-    num_gpus: int | None = None
-    object_store_memory: int | None = None
+    num_gpus: int | None = None  # embedded Ray only; None = what torch sees
+    object_store_memory: int | None = None  # bytes; None = Ray's default
 
 
 @dataclass
 class OutputConfig:
-    path: str = MISSING
+    path: str = MISSING  # JSONL or Parquet; conf/config.yaml: predictions.jsonl in the job's Hydra folder
     overwrite: bool = False  # start over: drop the rows (and fingerprint) already there
     retry_errors: bool = True  # a rerun asks again the questions whose rows are errors
 
@@ -71,7 +85,7 @@ class OutputConfig:
 class JobConfig:
     """The batch job: decode -> encode + compress -> answer, one output row per question."""
 
-    runner: str = "ray"
+    runner: str = "ray"  # ray | local (the same stages in this process, no Ray)
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -88,7 +102,9 @@ class JobConfig:
 class TuneConfig:
     """Projector-only tuning on compressed tokens (`pipelines.tune`)."""
 
-    out: str = MISSING  # folder: projector.safetensors (for model.projector_path), checkpoint, tune.json
+    # folder: projector.safetensors (for model.projector_path), checkpoint, tune.json; conf/tune.yaml: tuned/
+    # in the run's Hydra folder
+    out: str = MISSING
     steps: int = 1000  # optimizer steps
     batch_size: int = 8  # questions per forward pass
     grad_accum: int = 1  # forward passes per optimizer step
@@ -133,9 +149,10 @@ def register() -> None:
 
 def set_default(key: str, *, _root_: DictConfig) -> str | None:
     """`${data_task:KEY}`: the `KEY` of the task of the config's `data.format` (`tasks.TASKS`: its
-    `prompt`, `choice_prompt` or `rule`), what a job asks and scores with unless the key is set. Resolved
-    per job when its config is built, so each job of a `-m` sweep over `data.format` gets its set's own,
-    and the fingerprint and scoring record hold the resolved text. An unknown format gets the manifest's
+    `prompt` or `choice_prompt`: conf/pipeline/qa.yaml), what a job asks with unless the key is set.
+    Resolved per job when its config is built, so each job of a `-m` sweep over `data.format` gets its
+    set's own, and the fingerprint holds the resolved text. (`score.rule` null is the set's own rule by
+    `ScoreConfig.rule_for`.) An unknown format gets the manifest's
     (`data.problems()` names the format)."""
     task = TASKS.get(_root_.data.format, TASKS["manifest"])
     return getattr(task, key)
@@ -160,6 +177,7 @@ def _compose(name: str, overrides: tuple[str, ...]) -> DictConfig:
 
 def to_job_config(cfg: DictConfig) -> JobConfig:
     """Resolve and type a composed batch-job config, then check the values that need no model."""
+    check(unknown_keys(OmegaConf.to_container(cfg, resolve=False), JobConfig))
     job = OmegaConf.to_object(cfg)
     assert isinstance(job, JobConfig)
     check(job_problems(job))
@@ -168,6 +186,7 @@ def to_job_config(cfg: DictConfig) -> JobConfig:
 
 def to_tune_config(cfg: DictConfig) -> TuneJobConfig:
     """Resolve and type a composed tuning config, then check the values that need no model."""
+    check(unknown_keys(OmegaConf.to_container(cfg, resolve=False), TuneJobConfig))
     job = OmegaConf.to_object(cfg)
     assert isinstance(job, TuneJobConfig)
     check(tune_problems(job))
@@ -179,6 +198,22 @@ def check(problems: list[str]) -> None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
+def unknown_keys(values: dict, schema: type, prefix: str = "") -> list[str]:
+    """The keys of a composed config (`values`, unresolved) that its schema (a dataclass) lacks, each with
+    the nearest known key: Hydra adds a `+key=value` override to a typed config without a word, and
+    `OmegaConf.to_object` then drops it, so a typo after the `+` would otherwise run as if never given."""
+    hints = get_type_hints(schema)
+    problems = []
+    for key, value in values.items():
+        if key not in hints:
+            near = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f" (did you mean {prefix}{near[0]}?)" if near else ""
+            problems.append(f"{prefix}{key}: no such key in {prefix.rstrip('.') or 'the config'}{hint}")
+        elif is_dataclass(hints[key]) and isinstance(value, dict):
+            problems += unknown_keys(value, hints[key], f"{prefix}{key}.")
+    return problems
+
+
 def job_problems(job: JobConfig, tokens_per_frame: int | None = None) -> list[str]:
     """Every value the batch job cannot run with, each naming its key. With the model's
     `tokens_per_frame`, the token budgets are checked against it too."""
@@ -186,6 +221,8 @@ def job_problems(job: JobConfig, tokens_per_frame: int | None = None) -> list[st
     if job.runner not in RUNNERS:
         problems.append(f"runner={job.runner!r} is not one of {', '.join(RUNNERS)}")
     problems += [f"pipeline.{problem}" for problem in job.pipeline.problems()]
+    problems += [f"compression.positions=original with pipeline.{problem} (or compression.positions=compact)"
+                 for problem in job.pipeline.position_problems(job.compression.positions == "original")]
     problems += [f"score.{problem}" for problem in job.score.problems()]
     if not 0 <= job.max_error_fraction <= 1:
         problems.append(f"max_error_fraction={job.max_error_fraction} must be in [0, 1]")

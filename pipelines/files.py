@@ -1,7 +1,8 @@
 """The small file formats every tool of the project reads and writes: JSONL rows, JSON documents and
 Markdown tables, each written through `atomic_path` so that a crash never leaves a torn file behind; and
-`exclusive_lock`, which lets one job at a time write an output (`waiting_lock` waits instead, for short
-updates of a shared cache file).
+`exclusive_lock`, which lets one job at a time write an output. The atomic writes live in `stages.files`
+(with `waiting_lock`, which waits instead of refusing), used by the stages too, which never import
+`pipelines`; they are imported here for the tools.
 
 (The job's output journal appends line by line instead; see `pipelines.sink`.)
 """
@@ -17,31 +18,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from stages.files import atomic_path, write_json, write_text
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to write; it replaces `path` only when the block succeeds
-    (one rename), and is removed when it fails. The sibling keeps the suffix, for writers that pick the
-    format by it. The new file and the rename are fsynced before the block returns: whatever the caller
-    does next (e.g. delete the journal the file was written from) happens after it is on disk."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        yield partial
-        _fsync(partial, os.O_RDONLY)
-        os.replace(partial, path)
-        _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = ["InUseError", "atomic_path", "exclusive_lock", "markdown_table", "read_jsonl", "write_json",
+           "write_jsonl", "write_text"]
 
 
 class InUseError(RuntimeError):
@@ -81,30 +61,6 @@ def _holder(fd: int) -> str:
         return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
     except (ValueError, TypeError, KeyError):
         return "a process that has not written its details yet"
-
-
-@contextmanager
-def waiting_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive `flock` on the file `path` for the block, waiting while another process holds
-    it: for short read-modify-writes of a shared cache file (unlike `exclusive_lock`, which refuses)."""
-    with Path(path).open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """`text` into `path`, atomically."""
-    with atomic_path(path) as partial:
-        partial.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def write_json(path: str | os.PathLike, document: object) -> Path:
-    """A JSON document (indented, newline-terminated), atomically."""
-    return write_text(path, json.dumps(document, indent=2) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:

@@ -5,25 +5,21 @@ The model is fingerprinted by what it computes with, not only by where it lies: 
 place keeps its path and config but not its weights, and a hub id names whatever commit `main` points to
 today. A local folder's weight files are hashed; a hub id's commit is read from the local Hugging Face
 cache (without the network). Weight files are large (14 GB for the 7B), so each file's sha256 is computed
-once and kept by (absolute path, size, mtime) in `digests.json` under `cache_dir()`: later jobs only stat
-the files.
+once and kept by (absolute path, size, mtime) in `digests.json` under vzpipe's cache folder
+(`stages.digests`): later jobs only stat the files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from huggingface_hub import try_to_load_from_cache
 
-from pipelines.files import waiting_lock, write_json
+from stages.digests import file_digests
 from stages.remote import is_remote, local_path, read_bytes
 
 if TYPE_CHECKING:
@@ -33,12 +29,7 @@ if TYPE_CHECKING:
     from pipelines.datasets import DataConfig
     from stages.model import ModelConfig
 
-log = logging.getLogger(__name__)
-
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
-DIGESTS_FILE = "digests.json"
-_READ_BYTES = 16 << 20
-_ANNOUNCE_BYTES = 1 << 30  # hashing more than this at once is announced: it takes seconds
 
 
 def job_fingerprint(job: JobConfig, model_config: PretrainedConfig) -> dict:
@@ -94,70 +85,6 @@ def hub_revision(repo_id: str) -> str | None:
     the cache does not hold the repository (the hub is not asked)."""
     config = try_to_load_from_cache(repo_id, "config.json")
     return Path(config).parent.name if isinstance(config, str) else None
-
-
-def cache_dir() -> Path:
-    """vzpipe's cache folder: `$XDG_CACHE_HOME/vzpipe`, else `~/.cache/vzpipe`."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vzpipe"
-
-
-def file_digests(files: Iterable[Path], cache_file: Path | None = None) -> dict[Path, str]:
-    """{file: sha256} of `files`, each read only when the cache (`cache_file`, default
-    `cache_dir()/digests.json`) has no digest for its absolute path at its size and mtime. A missing or
-    unreadable cache is recomputed; one that cannot be written is a warning: digests stay right, only
-    slower."""
-    cache_file = cache_file or cache_dir() / DIGESTS_FILE
-    known = _read_digests(cache_file)
-    digests: dict[Path, str] = {}
-    stale: dict[Path, dict] = {}
-    for file in files:
-        stat = file.stat()
-        entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        cached = known.get(str(file.resolve()))
-        if isinstance(cached, dict) and {k: cached.get(k) for k in entry} == entry \
-                and isinstance(cached.get("sha256"), str):
-            digests[file] = cached["sha256"]
-        else:
-            stale[file] = entry
-    size = sum(entry["size"] for entry in stale.values())
-    if size > _ANNOUNCE_BYTES:
-        log.info("hashing the checkpoint's weights once (%.1f GB, %d files; digests kept in %s) ...",
-                 size / 1e9, len(stale), cache_file)
-    if stale:  # the files at once (a sharded checkpoint's shards): hashlib lets go of the GIL
-        with ThreadPoolExecutor(max_workers=min(len(stale), os.cpu_count() or 1)) as pool:
-            for file, digest in zip(stale, pool.map(_sha256, stale), strict=True):
-                digests[file] = stale[file]["sha256"] = digest
-        _record_digests(cache_file, {str(file.resolve()): entry for file, entry in stale.items()})
-    return digests
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(_READ_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_digests(cache_file: Path) -> dict:
-    try:
-        known = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        return {}
-    return known if isinstance(known, dict) else {}
-
-
-def _record_digests(cache_file: Path, fresh: dict[str, dict]) -> None:
-    """Add `fresh` to the cache file, under a lock so concurrent jobs' digests merge; entries of files
-    that no longer exist are dropped, so the file stays as small as the checkpoints on disk."""
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with waiting_lock(cache_file.with_name(cache_file.name + ".lock")):
-            known = {**_read_digests(cache_file), **fresh}
-            write_json(cache_file, {path: entry for path, entry in known.items() if os.path.exists(path)})
-    except OSError as err:
-        log.warning("could not keep the weights' digests in %s (%s): they are hashed again next time",
-                    cache_file, err)
 
 
 def _data_fingerprint(data: DataConfig) -> dict:

@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import socket
 import sqlite3
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 from transformers import PretrainedConfig
@@ -27,7 +29,7 @@ from pipelines.config import JobConfig, check, job_problems
 from pipelines.datasets import read_questions
 from pipelines.fingerprint import job_fingerprint
 from pipelines.judge import JudgeError, probe
-from pipelines.manifest import Question, group_by_video
+from pipelines.manifest import Question, VideoItem, group_by_video
 from pipelines.runner import (
     conversation_history,
     item_rows,
@@ -53,7 +55,8 @@ def run_job(job: JobConfig) -> dict:
     written, then scored when the questions have answers. `summary["failed"]` says why the job must
     count as failed (too many error rows), else None; `summary["scoring_failed"]` why the scoring step
     failed, when it did, and `summary["rescore"]` the command that resumes it. A judge that will score
-    the job is probed first, before any video is decoded."""
+    the job is probed first, before any video is decoded. Ctrl-C stops the stages (and Ray), finishes the
+    output and raises `JobInterrupted`: the rows so far are saved, and a rerun resumes."""
     model_config = prepare_model(job.model)
     check(job_problems(job, tokens_per_frame(model_config)))
     questions = read_questions(job.data, require_question=job.pipeline.task == "qa")
@@ -64,7 +67,37 @@ def run_job(job: JobConfig) -> dict:
                     fingerprint=job_fingerprint(job, model_config)) as sink:  # locked till the summary is out
         write_scoring_record(sink.path, job.data.format, job.score.metric_for(job.data.format),
                              job.score.judge, served_model, job.score.rule_for(job.data.format))
-        return answer_into(sink, job, questions)
+        try:
+            return answer_into(sink, job, questions)
+        except KeyboardInterrupt:  # the stages and Ray are stopped by now: finish the output (unlocked below)
+            sink.close()
+            raise JobInterrupted(len(sink.rows), sink.path) from None
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) waits till the block ends, then is delivered: a row written to the output but not
+    yet recorded in the sink would be miscounted, and dropped from a Parquet output finished after it."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
+class JobInterrupted(Exception):  # noqa: N818 - Ctrl-C, not an error
+    """Ctrl-C stopped the job after its output was finished: `rows` rows are saved in `path` (the rows of
+    earlier runs included), and a rerun on the same output resumes."""
+
+    def __init__(self, rows: int, path: Path) -> None:
+        super().__init__(f"{rows} rows saved in {path}")
+        self.rows, self.path = rows, path
 
 
 def probe_judge(job: JobConfig, questions: list[Question]) -> str | None:
@@ -81,7 +114,8 @@ def answer_into(sink: OutputSink, job: JobConfig, questions: list[Question]) -> 
     done = [row for row in sink.rows if row["id"] in sink.done_ids]  # not the error rows to retry
     history = conversation_history(questions, done, job.pipeline.choice_prompt)  # earlier turns' answers
     pending = unanswerable_turns([q for q in questions if q.id not in sink.done_ids], history)
-    log.info("%d questions in %s, %d already answered in %s%s", len(questions), job.data.describe(),
+    log.info("%d %s in %s, %d already answered in %s%s", len(questions),
+             "clips to caption" if job.pipeline.task == "caption" else "questions", job.data.describe(),
              len(questions) - len(pending), sink.path,
              f" ({sink.retried} error rows to retry)" if sink.retried else "")
     for question in (q for q in pending if q.error is not None):  # e.g. the set's video is not there
@@ -99,12 +133,13 @@ def answer_into(sink: OutputSink, job: JobConfig, questions: list[Question]) -> 
 
         def on_video(video_row: dict) -> None:
             new = list(question_rows(video_row, askable))
-            for row in new:
-                sink.write(row)
+            with interrupts_held():  # a row is in the file and in the sink's rows, or in neither
+                for row in new:
+                    sink.write(row)
+                written.extend(new)
             if new and new[0]["error"]:
                 sink.log_error([r["id"] for r in new], new[0]["video"], new[0]["error"],
                                video_row.get("error_traceback"))
-            written.extend(new)
             for stage in ("decode", "encode"):  # the clip's, once
                 stage_seconds[stage] += (new[0][f"{stage}_seconds"] or 0.0) if new else 0.0
             stage_seconds["answer"] += sum(r["answer_seconds"] or 0.0 for r in new)  # each answer's share
@@ -140,11 +175,36 @@ def answer_into(sink: OutputSink, job: JobConfig, questions: list[Question]) -> 
 
 
 def one_per_clip(questions: list[Question], prompt: str) -> list[Question]:
-    """Captioning: one row per clip (the id of its first row), asked `prompt`, the prompt it records."""
+    """Captioning: one row per clip, asked `prompt`, the prompt it records. A clip that the manifest lists
+    once, without a question (a captioning manifest's row), is that row: its id and its own columns. A clip
+    named by questions (a QA manifest) gets a row of its own, with the clip's id (`clip_ids`) and none of
+    the questions' fields (id, category, answer, options, conversation): they describe a question, not
+    the clip."""
     clips = group_by_video(questions)
+    own = [clip.questions[0] if len(clip.questions) == 1 and clip.questions[0].question is None else None
+           for clip in clips]
+    ids = clip_ids(clips, taken={row.id for row in own if row is not None})
     if len(clips) < len(questions):
-        log.info("captioning %d clips (%d rows: one caption per clip)", len(clips), len(questions))
-    return [replace(clip.questions[0], question=prompt) for clip in clips]
+        log.info("captioning: the manifest's %d rows name %d clips, one caption each", len(questions),
+                 len(clips))
+    return [replace(row, question=prompt) if row is not None
+            else Question(clip_id, clip.video, prompt, start=clip.start, end=clip.end)
+            for row, clip, clip_id in zip(own, clips, ids, strict=True)]
+
+
+def clip_ids(clips: list[VideoItem], taken: Collection[str] = ()) -> list[str]:
+    """Each clip's id: its video's name without the extension and, for a window, `@START-ENDs`
+    (`sample_demo_1`, `sample_demo_1@0-8s`, `talk@30s-end`); the video's whole path (or URL) instead of its
+    name when two clips' names would be the same (videos of one name in two folders) or one is `taken`."""
+    def window(clip: VideoItem) -> str:
+        if clip.start is None and clip.end is None:
+            return ""
+        return f"@{clip.start or 0:g}-{clip.end:g}s" if clip.end is not None else f"@{clip.start:g}s-end"
+
+    names = [f"{PurePosixPath(clip.video).stem}{window(clip)}" for clip in clips]
+    if len(set(names)) == len(names) and not set(taken) & set(names):
+        return names
+    return [f"{clip.video}{window(clip)}" for clip in clips]
 
 
 # what can stop the scoring step after the rows are written: the judge (down, or refusing), its verdict store,
@@ -232,13 +292,17 @@ def ray_session(job: JobConfig) -> Iterator[None]:
     the address file a killed one left behind (`ray_current_cluster`) and `RAY_ADDRESS` are ignored. A
     cluster that cannot be joined is a `ConnectionError` of one line saying what to check (`join_cluster`).
     """
-    import ray
-    import torch
-
-    if ray.is_initialized():
+    running = sys.modules.get("ray")  # a caller's session: Ray is imported already
+    if running is not None and running.is_initialized():
         yield
         return
     cfg = job.ray
+    start = time.perf_counter()
+    log.info("starting Ray (local, usually 10-20 s) ..." if cfg.address is None else
+             f"joining the Ray cluster at {cfg.address} ...")
+    import ray  # the import alone takes seconds: after the line above
+    import torch
+
     if cfg.address is None:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # C++ notes of the driver's core worker
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -257,10 +321,17 @@ def ray_session(job: JobConfig) -> Iterator[None]:
         logging.getLogger("ray.data").setLevel(logging.ERROR)
     else:
         join_cluster(cfg.address)
+    log.info("Ray ready in %.1f s", time.perf_counter() - start)
+    from ray._private import auto_init_hook
+
+    # a Ray call after the shutdown (Ray Data's reading thread, when Ctrl-C stopped the job midway) must
+    # fail, not start a new Ray in that thread
+    auto_connect, auto_init_hook.enable_auto_connect = auto_init_hook.enable_auto_connect, False
     try:
         yield
     finally:
         ray.shutdown()
+        auto_init_hook.enable_auto_connect = auto_connect
 
 
 _RAY_START_NOTES = ("Set ray log level from environment variable",)

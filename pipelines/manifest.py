@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.sink import OUTPUT_COLUMNS
-from stages.answer import LETTERS
+from stages.prompts import LETTERS
 from stages.remote import RemoteError, is_remote, is_url, join, local_path, parent, read_bytes
 
 KNOWN_COLUMNS = {"id", "video", "question", "answer", "start", "end", "category", "options", "conversation",
@@ -247,7 +247,8 @@ def _manifest_text(path: str | Path) -> tuple[str, str | Path]:
 
 
 def _read_records(text: str, is_csv: bool) -> list[tuple[int, dict | str]]:
-    """(line number, record or a description of why the line is malformed)."""
+    """(line number, record or a description of why the line is malformed). A CSV's empty cell is None, as
+    JSON's null: a column of the user's own passes through to the output as null, not dropped."""
     if is_csv:
         reader = csv.DictReader(text.splitlines())
         if reader.fieldnames is None:
@@ -257,7 +258,7 @@ def _read_records(text: str, is_csv: bool) -> list[tuple[int, dict | str]]:
             if None in record:
                 out.append((reader.line_num, f"{len(record[None])} more field(s) than the header"))
             else:
-                out.append((reader.line_num, {k: v for k, v in record.items() if v not in ("", None)}))
+                out.append((reader.line_num, {k: None if v == "" else v for k, v in record.items()}))
         return out
     out = []
     for number, raw in enumerate(text.splitlines(), start=1):

@@ -46,7 +46,9 @@ def stage_specs(job: JobConfig) -> list[StageSpec]:
         StageSpec("decode", DecodeStage, {"config": job.decode}, r.decode),
         StageSpec("encode", EncodeStage, {"model": job.model, "compression": job.compression,
                                           "frame_batch_size": r.frame_batch_size}, r.encode),
-        StageSpec("answer", AnswerStage, {"model": job.model, "config": job.pipeline}, r.answer),
+        StageSpec("answer", AnswerStage, {"model": job.model, "config": job.pipeline,
+                                          "custom_positions": job.compression.positions == "original"},
+                  r.answer),
     ]
 
 
@@ -179,12 +181,18 @@ def batches_of(rows: list[dict], size: int) -> list[dict[str, list]]:
 
 def run_local(job: JobConfig, rows: list[dict], on_video: Callable[[dict], None]) -> None:
     """The stages in this process, one batch of videos after another; the model is loaded once and
-    shared by encode and answer."""
+    shared by encode and answer (each load announced, then timed, on the console)."""
+    log.info("loading %s (both halves: encode and answer share it in this process) ...", job.model.path)
+    start = time.perf_counter()
     model, tokenizer = load_model(job.model)
+    log.info("loaded %s in %.1f s", job.model.path, time.perf_counter() - start)
+    if job.pipeline.engine == "vllm":
+        log.info("starting the vLLM engine (the first start compiles, about a minute) ...")
     stages = [("decode", DecodeStage(job.decode)),
               ("encode", EncodeStage(model, compression=job.compression,
                                      frame_batch_size=job.resources.frame_batch_size)),
-              ("answer", AnswerStage(model, tokenizer, config=job.pipeline))]
+              ("answer", AnswerStage(model, tokenizer, config=job.pipeline,
+                                     custom_positions=job.compression.positions == "original"))]
     for batch in batches_of(rows, job.resources.decode.batch_size):
         for name, stage in stages:
             batch = timed_call(stage, name, batch)
@@ -219,10 +227,14 @@ def run_ray(job: JobConfig, rows: list[dict], on_video: Callable[[dict], None]) 
                 "cluster has room again (it resumes)") from None
         for line in placed.describe(nodes):
             log.info(line)
+        log.info(actors_loading(job, placed))
+        started = time.time()
         ds = stage_dataset(job, placed, rows)
         finished: set[str] = set()
         try:
             for video_row in rows_watched(ds.iter_rows(), NodeWatch(job, placed.stages, nodes).check):
+                if not finished:
+                    log.info(first_clip(video_row, started))
                 on_video(video_row)
                 finished.add(str(video_row["ids"][0]))
             return
@@ -234,6 +246,25 @@ def run_ray(job: JobConfig, rows: list[dict], on_video: Callable[[dict], None]) 
             rows = [row for row in rows if str(row["ids"][0]) not in finished]
             log.warning("the nodes left cannot hold the lost actors beside the others: the stages stop, and "
                         "the %d clips not finished run again, placed on the nodes left", len(rows))
+
+
+def actors_loading(job: JobConfig, placed: Placement) -> str:
+    """What the stages' actors do before the first answers (in the actors, whose logs stay there): start
+    a worker process, load their half of the model, and with vLLM start its engine."""
+    engine = ("; each answer actor then starts a vLLM engine (the first start compiles, about a minute)"
+              if job.pipeline.engine == "vllm" else "")
+    pools = {name: placed.stages[name].pool_size for name in ("encode", "answer")}
+    return (f"starting the actors ({pools['encode']} encode, {pools['answer']} answer): each starts a worker "
+            f"and loads its half of {job.model.path}{engine}; the first answers follow ...")
+
+
+def first_clip(video_row: dict, started: float) -> str:
+    """The console line of the first clip out of the stages (started at `started`, epoch seconds): how
+    long it took, and when the actors that ran it were ready (`timed`: column `<stage>_ready_at`)."""
+    ready = ", ".join(f"{stage} {float(video_row[f'{stage}_ready_at']) - started:.1f} s"
+                      for stage in ("encode", "answer") if not is_missing(video_row.get(f"{stage}_ready_at")))
+    return f"first clip answered {time.time() - started:.1f} s after the stages started" + (
+        f" (its actors were ready after: {ready})" if ready else "")
 
 
 def stage_dataset(job: JobConfig, placed: Placement, rows: list[dict]) -> Any:
@@ -600,17 +631,25 @@ def gpu_shares(model: ModelConfig) -> dict[str, float]:
 
 
 def timed(cls: type, name: str) -> type:
-    """`cls` as a Ray actor whose calls also record when each batch ran (`timed_call`) and on which node
-    (column `<name>_node`: the Ray node id, which the output rows carry), under the same class name, so
-    Ray's actors keep theirs."""
+    """`cls` as a Ray actor whose calls also record when each batch ran (`timed_call`), on which node
+    (column `<name>_node`: the Ray node id, which the output rows carry) and when the actor was ready
+    (column `<name>_ready_at`, epoch seconds: its worker started, its model loaded; the driver reports it,
+    as the actors' own logs stay in the actors), under the same class name, so Ray's actors keep theirs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807 - the stage's own setup
+        super(subclass, self).__init__(*args, **kwargs)
+        self.ready_at = time.time()
 
     def __call__(self, batch: dict) -> dict:  # noqa: N807 - the stage's own call, timed
         import ray
 
         out = timed_call(super(subclass, self).__call__, name, batch)
-        return {**out, f"{name}_node": [ray.get_runtime_context().get_node_id()] * len(out["video"])}
+        n = len(out["video"])
+        return {**out, f"{name}_node": [ray.get_runtime_context().get_node_id()] * n,
+                f"{name}_ready_at": [self.ready_at] * n}
 
-    subclass = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+    subclass = type(cls.__name__, (cls,), {"__init__": __init__, "__call__": __call__,
+                                           "__module__": cls.__module__})
     return subclass
 
 

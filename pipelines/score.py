@@ -16,7 +16,8 @@ Metrics (`--metric`; default `choice` when any row has `options`, else `exact`):
   the set's own reference rule, `tasks.TASKS[format].rule`, and for a manifest lmms-eval's current
   `extract_mcq_answer`: see `tasks.choice`), equals the answer's letter; a reply naming no option is wrong
   and counted in `unparseable`. `reference_accuracy` divides as the rule's reference does (Video-MME's
-  script: over the replies it could read). Rows without options are scored `exact`.
+  script: over the replies it could read). Rows without options are scored `exact`; a file where no row
+  has options is refused (`choice` does not fit it).
 - `judge`: Video-LLaVA's GPT judge as its reference script runs it (`pipelines.judge`: an OpenAI-compatible
   chat model reads the question, the correct and the predicted answer and replies
   `{'pred': 'yes'|'no', 'score': 0..5}`). `yes` is right; `score` is averaged (error and unparseable rows
@@ -39,7 +40,9 @@ each job its own scores file). The table is printed as Markdown. A job records h
 in `<stem>.scoring.json` beside it (`write_scoring_record`: the set, its metric and the judge's settings,
 never the key), so `python -m pipelines.score OUTPUT` scores it the same way with no other flag; a flag
 given overrides the record. Error rows are counted apart from wrong answers (`errors`, `wrong`); a job of
-a sweep without answers is listed as not scorable, with its rows and error rows counted.
+a sweep without answers is listed as not scorable, with its rows and error rows counted. Exit status 2
+(`EXIT_REFUSED`): nothing was scored or written (a missing file, no answers, a metric that does not fit
+the rows, a judge that fails), and one line on stderr says why.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import argparse
 import json
 import os
 import string
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
@@ -62,6 +66,7 @@ from tasks import TASKS
 from tasks.choice import RULES, answer_letter, extract, normalize, rule_named
 
 METRICS = ("exact", "choice", "judge")
+EXIT_REFUSED = 2  # the CLI scored nothing (the file, its rows, a flag, the judge): one line says why
 RESAMPLES = 1000
 SEED = 0
 
@@ -164,6 +169,9 @@ def score_rows(rows: Iterable[dict], metric: str | None = None, judge: JudgeConf
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if metric == "judge" and judge is None:
         raise ValueError("metric judge needs a judge (url and model)")
+    if metric == "choice" and scored and not any(r.get("options") for r in scored):
+        raise ValueError(f"metric choice needs multiple-choice rows, and none of the {len(scored)} rows "
+                         "with an answer has options: score them with exact or judge")
     failed = [bool(r.get("error")) or r.get("prediction") is None for r in scored]
     right = [False] * len(scored)
     points: list[int | None] = [None] * len(scored)
@@ -264,8 +272,11 @@ def score_file(path: str | os.PathLike, metric: str | None = None, judge: JudgeC
     beside the output."""
     rows = unique_rows(read_rows(path) if rows is None else rows)
     store = store_path or store_path_for(path, judge)
-    result = {"source": str(path),
-              **score_rows(rows, metric=metric, judge=judge, store_path=store, rule=rule)}
+    try:
+        result = {"source": str(path),
+                  **score_rows(rows, metric=metric, judge=judge, store_path=store, rule=rule)}
+    except ValueError as err:  # the rows do not fit the metric: name the file
+        raise ValueError(f"{path}: {err}") from None
     write_json(scores or scores_path(path), result)
     return result
 
@@ -474,14 +485,15 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
             return rows
         rows = read_rows(args.output)
         if not any(_scored(r) for r in rows):
-            raise SystemExit(f"{args.output}: no row has an answer to score")
+            raise ValueError(f"{args.output}: no row has an answer to score")
         metric, judge = scoring_settings(args.output, args.metric, overrides)
         if judge is not None and _judge_problems(args.output, judge):
             parser.error(_judge_problems(args.output, judge))
         result = score_file(args.output, metric=metric, judge=judge, scores=args.scores, rows=rows,
                             rule=recorded_rule(args.output, args.rule))
-    except (JudgeError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    except (JudgeError, ValueError, FileNotFoundError) as err:  # nothing written
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_REFUSED) from None
     print(format_table(result))
     print(f"written {args.scores or scores_path(args.output)}")
     return result

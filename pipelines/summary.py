@@ -30,6 +30,7 @@ def summarize(rows: list[dict], this_run: list[dict], stage_seconds: dict[str, f
     answered = sum(r.get("error") is None for r in this_run)
     return {
         "rows": len(rows),
+        "rows_from_earlier_runs": len(rows) - len(unique_rows(this_run)),  # ids this run did not write
         "ok": len(ok),
         "error": len(rows) - len(ok),
         "visual_tokens_full_mean": full,
@@ -56,7 +57,7 @@ def format_summary(summary: dict) -> str:
     lines = [
         ("output", f"{summary['output']}: {summary['rows']} rows, {summary['ok']} answered, "
                    f"{summary['error']} errors"),
-        ("this run", f"{run['rows']} rows in {run['wall_seconds']:.1f} s"
+        ("this run", f"{run['rows']} rows{_earlier(summary)} in {run['wall_seconds']:.1f} s"
                      + (f" ({run['rows_per_second']:.2f} rows/s); {seconds}" if run["rows"] else "")),
         ("visual tokens", tokens),
     ]
@@ -71,6 +72,14 @@ def format_summary(summary: dict) -> str:
     if summary.get("failed"):
         lines.append(("FAILED", summary["failed"]))
     return "\n".join(f"{name:>13}  {text}" for name, text in lines)
+
+
+def _earlier(summary: dict) -> str:
+    """Why this run's row count is not the output's: the rows already there from earlier runs."""
+    earlier = summary.get("rows_from_earlier_runs")
+    if not earlier:
+        return ""
+    return f" ({earlier} already in the file from {'an earlier run' if earlier == 1 else 'earlier runs'})"
 
 
 def write_summary(summary: dict, output_path: str | Path) -> Path:

@@ -6,14 +6,15 @@ The paper closes part of that gap by fine-tuning only the multimodal projector o
 the answer tokens' loss and everything else frozen. Here:
 
 1. Every video of the manifest is decoded and encoded once (the job's decode and compression settings,
-   through `DecodeStage` and `EncodeStage.compressed_tokens`): the tower is frozen and the compression is
-   deterministic, so the tokens before the projector are fixed and kept (on the CPU) for all steps. A
-   video that fails is left out and listed in `tune.json`; the rest train.
+   through `DecodeStage` and `EncodeStage.compressed_videos`): the tower is frozen and the compression is
+   deterministic, so the tokens before the projector, and their positions for
+   `compression.positions=original`, are fixed and kept (on the CPU) for all steps. A video that fails is
+   left out and listed in `tune.json`; the rest train.
 2. The projector is trained in float32 (a bf16 copy loses small updates), its output cast to the LLM's
-   dtype; the LLM reads the answer stage's own prompt (`AnswerStage.build_inputs` with the answers, so
-   training and answering build the same sequence), and the loss is the cross-entropy of the answer's
-   tokens and EOS. AdamW, linear warm-up then cosine decay (transformers' schedule), gradients
-   accumulated over `grad_accum` forward passes and clipped.
+   dtype; the LLM reads the answer stage's own prompt (`AnswerStage.build_inputs` with the answers and the
+   visual positions, so training and answering build the same sequence at the same position ids), and
+   the loss is the cross-entropy of the answer's tokens and EOS. AdamW, linear warm-up then cosine decay
+   (transformers' schedule), gradients accumulated over `grad_accum` forward passes and clipped.
 3. Every `checkpoint_every` steps and at the end, OUT/projector.safetensors (what `model.projector_path`
    loads) and OUT/tune_state.pt (projector, optimizer, schedule, step, losses) are written, each by
    rename, so a killed job resumes from its last checkpoint: the questions of step s are a pure function of
@@ -53,7 +54,7 @@ from pipelines.manifest import ManifestError, Question, group_by_video
 from stages.answer import AnswerStage, question_text
 from stages.columns import errors_of
 from stages.decode import DecodeStage
-from stages.encode import EncodeStage
+from stages.encode import CompressedVideo, EncodeStage
 from stages.model import load_model
 from visionzip.video_llava import tokens_per_frame
 
@@ -79,11 +80,11 @@ def run_tune(job: TuneJobConfig) -> dict:
             )
         model, tokenizer = load_model(job.model)
         start = time.perf_counter()
-        tokens, examples, errors = compressed_examples(job, model, questions)
+        videos, examples, errors = compressed_examples(job, model, questions)
         if not examples:
             raise RuntimeError(f"no video of {job.data.describe()} could be encoded: {errors}")
         log.info("tuning the projector on %d questions about %d videos (%d videos failed)", len(examples),
-                 len(tokens), len(errors))
+                 len(videos), len(errors))
         # the model's weights (the checkpoint's and the starting projector's digests), not only its path: a
         # checkpoint retrained in the same folder (or another model.projector_path) must not resume a run
         # tuned from other weights
@@ -92,9 +93,9 @@ def run_tune(job: TuneJobConfig) -> dict:
                        "model": model_fingerprint(job.model, model_config),
                        "tune": {k: v for k, v in asdict(cfg).items()
                                 if k not in ("out", "resume", "checkpoint_every", "frame_batch_size")}}
-        losses = tune_projector(model, tokenizer, tokens, examples, cfg, fingerprint)
+        losses = tune_projector(model, tokenizer, videos, examples, cfg, fingerprint)
         summary = {"projector": str(out / "projector.safetensors"), "steps": cfg.steps,
-                   "questions": len(examples), "videos": len(tokens), "errors": errors,
+                   "questions": len(examples), "videos": len(videos), "errors": errors,
                    "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
                    "seconds": time.perf_counter() - start, **fingerprint}
         write_json(out / "tune.json", summary)
@@ -102,9 +103,9 @@ def run_tune(job: TuneJobConfig) -> dict:
 
 
 def tune_projector(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
-                   tokens: list[torch.Tensor], examples: list[tuple[int, str, str]], cfg: TuneConfig,
+                   videos: list[CompressedVideo], examples: list[tuple[int, str, str]], cfg: TuneConfig,
                    fingerprint: dict | None = None) -> list[float]:
-    """Train `model`'s projector (now float32) on `examples` (index into `tokens`, question, answer), all
+    """Train `model`'s projector (now float32) on `examples` (index into `videos`, question, answer), all
     other weights frozen; checkpoint into `cfg.out`, resuming from its checkpoint when `cfg.resume` and
     its `fingerprint` (what the run trains on, stored with the checkpoint) matches. Returns every step's
     loss, those before a resume included."""
@@ -128,7 +129,7 @@ def tune_projector(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrai
             for part in range(cfg.grad_accum):
                 chosen = [examples[i] for i in
                           order.batch((step * cfg.grad_accum + part) * cfg.batch_size, cfg.batch_size)]
-                batch_loss = answer_loss(model, answerer, [tokens[video] for video, _, _ in chosen],
+                batch_loss = answer_loss(model, answerer, [videos[video] for video, _, _ in chosen],
                                          [q for _, q, _ in chosen], [a for _, _, a in chosen])
                 (batch_loss / cfg.grad_accum).backward()
                 loss += batch_loss.item() / cfg.grad_accum
@@ -146,12 +147,13 @@ def tune_projector(model: VideoLlavaForConditionalGeneration, tokenizer: PreTrai
 
 
 def compressed_examples(job: TuneJobConfig, model: torch.nn.Module, questions: list[Question]
-                        ) -> tuple[list[torch.Tensor], list[tuple[int, str, str]], list[dict]]:
-    """Decode and compress the video of every question once: (tokens before the projector per video, on
-    the CPU; (video index, question, answer) per question; {"video", "ids", "error"} per failed video)."""
+                        ) -> tuple[list[CompressedVideo], list[tuple[int, str, str]], list[dict]]:
+    """Decode and compress the video of every question once: (tokens before the projector, with their
+    positions, per video, on the CPU; (video index, question, answer) per question; {"video", "ids",
+    "error"} per failed video)."""
     decode = DecodeStage(job.decode)
     encode = EncodeStage(model, compression=job.compression, frame_batch_size=job.tune.frame_batch_size)
-    tokens: list[torch.Tensor] = []
+    videos: list[CompressedVideo] = []
     examples: list[tuple[int, str, str]] = []
     errors: list[dict] = []
     for item in group_by_video(questions):
@@ -161,24 +163,28 @@ def compressed_examples(job: TuneJobConfig, model: torch.nn.Module, questions: l
             error = errors_of(decoded, 1)[0]
         if error is None:
             try:
-                kept = encode.compressed_tokens([decoded["frames"][0]])[0]
+                kept = encode.compressed_videos([decoded["frames"][0]])[0]
             except Exception as err:  # noqa: BLE001 - one video's failure is listed, the rest train
                 error = f"encode: {type(err).__name__}: {err}"
         if error is not None:
             errors.append({"video": item.video, "ids": [q.id for q in item.questions], "error": error})
             continue
-        tokens.append(kept.cpu().clone())  # a normal tensor: autograd cannot use inference ones
-        examples += [(len(tokens) - 1, question_text(q.question, q.options), q.answer)
+        positions = None if kept.positions is None else kept.positions.cpu()
+        # normal tensors: autograd cannot use inference ones
+        videos.append(CompressedVideo(kept.tokens.cpu().clone(), positions, kept.span))
+        examples += [(len(videos) - 1, question_text(q.question, q.options), q.answer)
                      for q in item.questions]
-    return tokens, examples, errors
+    return videos, examples, errors
 
 
-def answer_loss(model: torch.nn.Module, answerer: AnswerStage, tokens: list[torch.Tensor],
+def answer_loss(model: torch.nn.Module, answerer: AnswerStage, videos: list[CompressedVideo],
                 questions: list[str], answers: list[str]) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens and EOS, the projector's output spliced into the prompt."""
+    """Mean cross-entropy of the answer tokens and EOS, the projector's output spliced into the prompt at
+    the position ids the answer stage gives it."""
     projector = model.model.multi_modal_projector
-    embeds = [projector(t.to(model.device, torch.float32)).to(model.dtype) for t in tokens]
-    inputs = answerer.build_inputs(embeds, questions, answers)
+    embeds = [projector(v.tokens.to(model.device, torch.float32)).to(model.dtype) for v in videos]
+    inputs = answerer.build_inputs(embeds, questions, answers, positions=[v.positions for v in videos],
+                                   spans=[v.span for v in videos])
     labels = inputs.pop("labels")
     logits = model(**inputs).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

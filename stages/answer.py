@@ -47,13 +47,13 @@ from stages.prompts import (
     conversation_text,
     question_text,
 )
-from stages.vllm_engine import VllmConfig
+from stages.vllm_engine import VllmConfig, VllmEngine
 
 __all__ = ["CAPTION_PROMPT", "CHOICE_PROMPT", "LETTERS", "PROMPT", "TURN_PROMPT", "TURN_SEPARATOR", "Answer",
            "AnswerConfig", "AnswerStage", "GenerateConfig", "conversation_text", "question_text"]
 
 TASKS = ("qa", "caption")
-ENGINES = ("hf", "vllm")
+ENGINES = {"hf": HfEngine, "vllm": VllmEngine}
 # batch column <- Answer field
 _COLUMNS = {
     "predictions": "text",
@@ -118,6 +118,13 @@ class AnswerConfig:
     def templates(self) -> Templates:
         return Templates(self.prompt, self.turn_prompt, self.turn_separator)
 
+    def position_problems(self, custom_positions: bool) -> list[str]:
+        """The engine's problem with the visual tokens' own position ids, when they are asked for
+        (`stages.engine.position_problems`); none for an unknown engine (`problems` names it)."""
+        engine = ENGINES.get(self.engine)
+        return [] if engine is None else position_problems(self.engine, engine.accepts_positions,
+                                                           custom_positions)
+
 
 class AnswerStage:
     """Visual embeddings + questions -> answers. A plain callable, and a Ray Data `map_batches` class.
@@ -138,16 +145,11 @@ class AnswerStage:
         custom_positions: bool = False,
     ) -> None:
         config = config or AnswerConfig()
-        problems = config.problems()
+        problems = config.problems() + config.position_problems(custom_positions)
         if problems:
             raise ValueError("invalid answer settings: " + "; ".join(problems))
         g = config.generation
         if config.engine == "vllm":
-            from stages.vllm_engine import VllmEngine
-
-            problems = position_problems("vllm", VllmEngine.accepts_positions, custom_positions)
-            if problems:
-                raise ValueError("invalid answer settings: " + "; ".join(problems))
             if not isinstance(model, ModelConfig):  # e.g. runner=local's shared model: vLLM loads its own
                 model = _model_config_of(model)
             self.engine = VllmEngine(model, config.vllm, config.templates())
@@ -191,20 +193,28 @@ class AnswerStage:
         answers: Sequence[str] | None = None,
         *,
         texts: Sequence[str] | None = None,
+        positions: Sequence[torch.Tensor | None] | None = None,
+        spans: Sequence[int | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Left-padded `inputs_embeds` [B, L, H], `attention_mask` and `position_ids` for prompt i =
         questions[i] with embeds[i] ([M_i, H]) in place of its `<video>` token (`texts`: whole prompt
         texts instead, e.g. a conversation's turn; `questions` is then ignored), for a direct forward.
+        `positions[i]` and `spans[i]`: video i's `Video.positions` and `Video.span`, as the encode stage
+        gives them for `compression.positions=original` (default: consecutive).
 
         With `answers` (teacher forcing, for tuning) each prompt is followed by its answer's tokens and
         EOS, and `labels` [B, L] holds those tokens where they sit (-100 elsewhere; HF's convention: the
         logits at position p predict labels[p + 1]).
         """
         count = len(texts) if texts is not None else len(questions)
-        if len(embeds) != count or (answers is not None and len(answers) != count):
+        positions = positions if positions is not None else [None] * count
+        spans = spans if spans is not None else [None] * count
+        if len(embeds) != count or (answers is not None and len(answers) != count) \
+                or len(positions) != count or len(spans) != count:
             raise ValueError(
                 f"got {len(embeds)} visual embeddings for {count} questions"
                 + ("" if answers is None else f" and {len(answers)} answers")
+                + f", {len(positions)} visual positions and {len(spans)} spans"
             )
         if texts is None:
             prompts = [self.builder.prompt(q, index=i) for i, q in enumerate(questions)]
@@ -212,21 +222,22 @@ class AnswerStage:
         else:
             prompts = [self.builder.prompt_of_text(t, i) for i, t in enumerate(texts)]
         hidden, device = self.embed_tokens.embedding_dim, self.embed_tokens.weight.device
-        sequences, positions, targets = [], [], []
-        for i, (visual, prompt, text) in enumerate(zip(embeds, prompts, texts, strict=True)):
-            video = check_video(Video(visual), i, hidden)
+        sequences, prompt_position_ids, targets = [], [], []
+        for i, (visual, prompt, text, where, span) in enumerate(
+                zip(embeds, prompts, texts, positions, spans, strict=True)):
+            video = check_video(Video(visual, where, span), i, hidden)
             answer = None if answers is None else self.builder.continuation_ids(text, answers[i], i)
             if answer is not None:
                 prompt = type(prompt)(prompt.ids + answer, prompt.video_at)
             sequences.append(spliced(self.embed_tokens, prompt, video, self.dtype))
-            positions.append(prompt_positions(prompt, video))
+            prompt_position_ids.append(prompt_positions(prompt, video))
             targets.append(answer)
         length = max(len(seq) for seq in sequences)
         inputs = torch.zeros(len(sequences), length, hidden, device=device, dtype=self.dtype)
         mask = torch.zeros(len(sequences), length, device=device, dtype=torch.long)
         position_ids = torch.zeros(len(sequences), length, device=device, dtype=torch.long)
         labels = torch.full((len(sequences), length), -100, device=device, dtype=torch.long)
-        for row, (seq, pos, answer) in enumerate(zip(sequences, positions, targets, strict=True)):
+        for row, (seq, pos, answer) in enumerate(zip(sequences, prompt_position_ids, targets, strict=True)):
             inputs[row, length - len(seq) :] = seq
             mask[row, length - len(seq) :] = 1
             position_ids[row, length - len(seq) :] = pos.to(device)
@@ -243,7 +254,8 @@ class AnswerStage:
 
     def __call__(self, batch: dict) -> dict:
         """Ray Data / local batch, one row per video: `visual_embeds` ([M, H] per row), optionally
-        `visual_positions` ([M] integers per row, or None), and, for `qa`, `questions` (a list of
+        `visual_positions` ([M] integers per row, or None) with `visual_span` (where the text after the
+        video continues, or None: `Video.span`), and, for `qa`, `questions` (a list of
         questions per row) -> list columns aligned with `questions`: `predictions`, `prompt_tokens`,
         `generated_tokens`, `prefill_seconds`, `llm_decode_seconds`; `visual_embeds` is dropped.
 
@@ -262,6 +274,7 @@ class AnswerStage:
         given = batch.get("visual_positions", [None] * len(embeds))
         positions = [None if np.ndim(p) == 0 and is_missing(p) else torch.as_tensor(np.asarray(p))
                      for p in given]
+        spans = [None if is_missing(s) else int(s) for s in batch.get("visual_span", [None] * len(embeds))]
         errors = RowErrors(batch, len(embeds))
         if self.task == "qa" and "questions" not in batch:
             raise ValueError(f"task 'qa' needs a 'questions' column, got columns {sorted(batch)}")
@@ -271,7 +284,7 @@ class AnswerStage:
             asked = [[self.caption_prompt] for _ in embeds]
         talks = _talks(batch, asked) if self.task == "qa" else [None] * len(embeds)
         rows = [row for row, visual in enumerate(embeds) if errors.ok(row) and visual is not None]
-        videos = [Video(e, p) for e, p in zip(embeds, positions, strict=True)]
+        videos = [Video(e, p, s) for e, p, s in zip(embeds, positions, spans, strict=True)]
         per_row: dict[int, list[Answer]] = {}
         try:
             per_row = self._answer_rows(rows, videos, asked, talks)
@@ -282,7 +295,7 @@ class AnswerStage:
                 except Exception as err:  # noqa: BLE001 - one video's failure becomes its error
                     errors.fail(row, f"answer: {type(err).__name__}: {err}")
         out = {k: v for k, v in batch.items()
-               if k not in ("visual_embeds", "visual_embeds_dtype", "visual_positions")}
+               if k not in ("visual_embeds", "visual_embeds_dtype", "visual_positions", "visual_span")}
         for column, attribute in _COLUMNS.items():
             out[column] = [
                 [getattr(a, attribute) for a in per_row[row]] if row in per_row else None

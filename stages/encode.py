@@ -12,6 +12,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,8 +23,11 @@ from stages.model import ModelConfig, load_model
 from stages.preprocess import ClipPreprocess, check_frames
 from visionzip import MergeResult, ZipResult, merge_frames, zip_clip
 from visionzip.baselines import pool_grid, random_patch_index
+from visionzip.positions import clip_positions, pool_offsets, position_order, zip_offsets
 from visionzip.temporal import MATCH_MODES, POSITION_MODES
 from visionzip.video_llava import COMPRESSION_METHODS, feature_layer, frame_tokens, project, tokens_per_frame
+
+POSITION_RULES: tuple[str, ...] = ("compact", "original")
 
 
 @dataclass
@@ -35,6 +39,25 @@ class EncodedVideo:
     visual_tokens_after_zip: int  # T * (dominant + contextual) (= full for compression "none")
     visual_tokens_kept: int  # M, after temporal merging: what the LLM reads
     encode_seconds: float  # the batch's wall time, shared out by frame count
+    positions: torch.Tensor | None = None  # [M] long: each token's place among all tokens (`original`)
+    span: int | None = None  # with positions: T * tokens_per_frame, where the text after the video goes
+
+
+@dataclass
+class CompressedVideo:
+    """One video's tokens before the projector and, with `positions=original`, where each stands."""
+
+    tokens: torch.Tensor  # [M, vision_hidden] in the model's dtype
+    positions: torch.Tensor | None = None  # [M] long, non-decreasing (`visionzip.positions`); None: compact
+    span: int | None = None  # with positions: the full token count T * tokens_per_frame
+
+
+class FrameTokens(NamedTuple):
+    """One chunk of frames' kept tokens and what is known of their places (`EncodeStage._frame_tokens`)."""
+
+    tokens: torch.Tensor  # [F, K, D]
+    patches: torch.Tensor | None  # [F, K]: patch positions for temporal merging's position modes, else None
+    offsets: torch.Tensor | None  # [F, K]: offsets within the frame for positions=original, else None
 
 
 @dataclass
@@ -72,6 +95,11 @@ class CompressionConfig:
     dominant: int = 14  # VisionZip's dominant tokens per frame, CLS included
     contextual: int = 3  # VisionZip's merged contextual tokens per frame
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    # where the kept tokens stand in the LLM's sequence: original (each at its place among all of the clip's
+    # tokens, the text after the video where it is with every token; visionzip.positions) or compact
+    # (renumbered 0..M-1, VisionZip's way; the only rule vLLM can take). original was chosen on val500 by
+    # the quality rule on both shipped models (docs/quality.md)
+    positions: str = "original"
 
     def per_frame(self, tokens_per_frame: int) -> int:
         """Tokens a frame keeps, given the model's `tokens_per_frame`."""
@@ -111,6 +139,8 @@ class CompressionConfig:
         if isinstance(self.temporal.radius, bool) or not isinstance(self.temporal.radius, int) \
                 or self.temporal.radius < 0:
             found.append(f"temporal.radius={self.temporal.radius!r} must be an integer >= 0 (patches)")
+        if self.positions not in POSITION_RULES:
+            found.append(f"positions={self.positions!r} is not one of {', '.join(POSITION_RULES)}")
         return found
 
 
@@ -151,10 +181,11 @@ class EncodeStage:
         Raises ValueError naming the video when its frames are not such an array.
         """
         start = time.perf_counter()
-        kept = self.compressed_tokens(videos)
+        kept = self.compressed_videos(videos)
         if not kept:
             return []
-        embeds = project(self.model, torch.cat(kept)).split([len(tokens) for tokens in kept])
+        embeds = project(self.model, torch.cat([video.tokens for video in kept])).split(
+            [len(video.tokens) for video in kept])
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)
         seconds = time.perf_counter() - start
@@ -167,15 +198,22 @@ class EncodeStage:
                 visual_tokens_after_zip=n * per_frame,
                 visual_tokens_kept=len(emb),
                 encode_seconds=seconds * n / sum(counts),
+                positions=video.positions,
+                span=video.span,
             )
-            for emb, n in zip(embeds, counts, strict=True)
+            for emb, n, video in zip(embeds, counts, kept, strict=True)
         ]
 
-    @torch.inference_mode()
     def compressed_tokens(self, videos: Sequence[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
+        """Each video's tokens before the projector (`compressed_videos`' tokens)."""
+        return [video.tokens for video in self.compressed_videos(videos)]
+
+    @torch.inference_mode()
+    def compressed_videos(self, videos: Sequence[np.ndarray | torch.Tensor]) -> list[CompressedVideo]:
         """Each video's tokens before the projector, [M, vision_hidden] in the model's dtype: the tower's
-        selection-layer tokens after VisionZip (or a control) and temporal merging. `encode` projects
-        them; projector tuning (`pipelines.tune`) trains on them."""
+        selection-layer tokens after VisionZip (or a control) and temporal merging, with their positions
+        for `positions=original` (in position order). `encode` projects them; projector tuning
+        (`pipelines.tune`) trains on them."""
         videos = [check_frames(frames, f"frames of video {i}") for i, frames in enumerate(videos)]
         if not videos:
             return []
@@ -188,35 +226,40 @@ class EncodeStage:
         chunks = [self._frame_tokens(chunk, seeds[start : start + size])
                   for start, chunk in zip(range(0, len(pixels), size), pixels.split(size), strict=True)]
         counts = [len(frames) for frames in videos]
-        tokens = torch.cat([chunk for chunk, _ in chunks]).split(counts)
-        if chunks[0][1] is None:
-            return [self._merge(per_video) for per_video in tokens]
-        positions = torch.cat([index for _, index in chunks]).split(counts)
-        return [self._merge(*per_video) for per_video in zip(tokens, positions, strict=True)]
 
-    def _frame_tokens(self, pixels: torch.Tensor, seeds: list[int]
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One chunk's per-frame tokens [F, K, D] and, when temporal merging folds by position, each
+        def per_video(part: str) -> list[torch.Tensor | None]:
+            if getattr(chunks[0], part) is None:
+                return [None] * len(videos)
+            return list(torch.cat([getattr(chunk, part) for chunk in chunks]).split(counts))
+
+        return [self._compress(*parts) for parts in
+                zip(per_video("tokens"), per_video("patches"), per_video("offsets"), strict=True)]
+
+    def _frame_tokens(self, pixels: torch.Tensor, seeds: list[int]) -> FrameTokens:
+        """One chunk's per-frame tokens [F, K, D] with, when temporal merging folds by position, each
         token's patch position [F, K] (raster order of the patch grid, CLS excluded; -1: none, i.e. CLS,
-        contextual and pooled tokens; with `fold_contextual` contextual token j is slot -2 - j), else
-        None."""
+        contextual and pooled tokens; with `fold_contextual` contextual token j is slot -2 - j) and, for
+        `positions=original`, each token's offset within its frame [F, K] (`visionzip.positions`)."""
         c = self.compression
         positional = c.temporal.enabled and c.temporal.match in POSITION_MODES
-        if positional and c.method == "visionzip":  # frame_tokens' own call, keeping the dominant positions
+        original = c.positions == "original"
+        if c.method == "visionzip" and (positional or original):  # frame_tokens' call, keeping the indices
             zipped = self._zip(pixels)
-            return zipped.tokens, self._zip_positions(zipped)
+            return FrameTokens(zipped.tokens, self._zip_positions(zipped) if positional else None,
+                               zip_offsets(zipped) if original else None)
         tokens = frame_tokens(self.model, pixels, method=c.method, dominant=c.dominant,
                               contextual=c.contextual, seed=seeds)
-        if not positional:
-            return tokens, None
+        if not (positional or original):
+            return FrameTokens(tokens, None, None)
         frames, k, _ = tokens.shape
-        if c.method == "none":  # every token at its own index
-            index = torch.arange(k, device=tokens.device).expand(frames, k)
-        elif c.method == "random":  # the same draw random_tokens made
-            index = random_patch_index(frames, self.full_per_frame, k, seeds, tokens.device)
-        else:  # pool: cells, not patches
-            return tokens, torch.full((frames, k), -1, device=tokens.device)
-        return tokens, index - 1
+        if c.method == "pool":  # cells, not patches: no patch position, each at its window's centre
+            patches = torch.full((frames, k), -1, device=tokens.device)
+            offsets = pool_offsets(self.full_per_frame, k).to(tokens.device).expand(frames, k)
+        else:
+            offsets = (torch.arange(k, device=tokens.device).expand(frames, k) if c.method == "none"
+                       else random_patch_index(frames, self.full_per_frame, k, seeds, tokens.device))
+            patches = offsets - 1
+        return FrameTokens(tokens, patches if positional else None, offsets if original else None)
 
     def _zip(self, pixels: torch.Tensor) -> ZipResult:
         """VisionZip on preprocessed frames, as `frame_tokens` runs it for method=visionzip."""
@@ -231,12 +274,19 @@ class EncodeStage:
         contextual = slots if c.temporal.fold_contextual else torch.full_like(slots, -1)
         return torch.cat([zipped.dominant_index - 1, contextual.expand(len(zipped.tokens), -1)], dim=1)
 
-    def _merge(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """[T, K, D] -> [M, D]: temporal merging when enabled (CLS of each frame protected), else flatten.
-        `positions` [T, K]: each token's patch position (-1: none), for the position modes."""
-        if not self.compression.temporal.enabled:
-            return tokens.flatten(0, 1)
-        return self._merge_result(tokens, positions).tokens
+    def _compress(self, tokens: torch.Tensor, patches: torch.Tensor | None, offsets: torch.Tensor | None
+                  ) -> CompressedVideo:
+        """One video's [T, K, D] tokens -> [M, D]: temporal merging when enabled (CLS of each frame
+        protected; `patches` [T, K] for the position modes), else flattened. With `offsets` [T, K]
+        (positions=original) each kept token's place among all T * tokens_per_frame, a merged group at its
+        first member's, the tokens put in position order."""
+        merged = self._merge_result(tokens, patches) if self.compression.temporal.enabled else None
+        kept = tokens.flatten(0, 1) if merged is None else merged.tokens
+        if offsets is None:
+            return CompressedVideo(kept)
+        positions = clip_positions(offsets, self.full_per_frame, None if merged is None else merged.first)
+        order = position_order(positions)
+        return CompressedVideo(kept[order], positions[order], len(tokens) * self.full_per_frame)
 
     def _merge_result(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> MergeResult:
         """`merge_frames` of one video's [T, K, D] tokens with the job's temporal settings."""
@@ -266,7 +316,9 @@ class EncodeStage:
         Adds `visual_embeds` (numpy [M, text_hidden] in the model's dtype, bfloat16 as its int16 bits:
         `stages.columns.to_column`) with `visual_embeds_dtype`,
         `visual_tokens_full`, `visual_tokens_after_zip`, `visual_tokens_kept`, `encode_seconds` and
-        `error`; drops `frames` so decoded pixels do not travel further. A row that arrives with an `error`
+        `error` (with `positions=original` also `visual_positions`, [M] int64, and `visual_span`, the
+        answer stage's `Video.positions` and `Video.span`); drops `frames` so decoded pixels do not travel
+        further. A row that arrives with an `error`
         or whose frames are invalid is not encoded: its `visual_embeds` is empty ([0, text_hidden], not
         None, so Ray Data keeps a tensor column), its stats are None and `error` says why. A failure of
         the batched encode is retried one video at a time, so it costs only the failing video. Other
@@ -298,4 +350,9 @@ class EncodeStage:
         out["visual_embeds_dtype"] = [dtype for _, dtype in columns]
         for key in ("visual_tokens_full", "visual_tokens_after_zip", "visual_tokens_kept", "encode_seconds"):
             out[key] = [getattr(done[i], key) if i in done else None for i in range(rows)]
+        if self.compression.positions == "original":
+            none = np.zeros(0, dtype=np.int64)  # an error row's: empty, as its embeddings
+            out["visual_positions"] = [done[i].positions.cpu().numpy() if i in done else none
+                                       for i in range(rows)]
+            out["visual_span"] = [done[i].span if i in done else None for i in range(rows)]
         return {**out, **errors.columns()}

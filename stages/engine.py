@@ -9,7 +9,8 @@ turns of a conversation are asked in order, each after the earlier ones with the
 Positions: each video may carry the position ids of its visual tokens (`Video.positions`, offsets from
 the first visual slot, non-decreasing: e.g. the kept tokens' places among all of a clip's tokens); None is
 consecutive (0..M-1). Text before the video counts from 0, the visual tokens sit at `a + offset` (a =
-the tokens before them), the text after them continues at `a + last offset + 1` (`prompt_positions`). An
+the tokens before them), the text after them continues at `a + span` (`Video.span`, default: last offset +
+1; e.g. the clip's full token count, so the text stands where it would with every token kept). An
 engine that cannot take them has `accepts_positions = False` and says so before any work
 (`position_problems`).
 """
@@ -39,10 +40,12 @@ class Sampling:
 
 @dataclass
 class Video:
-    """One video's visual embeddings [M, hidden] and, optionally, their position ids [M] (see module)."""
+    """One video's visual embeddings [M, hidden] and, optionally, their position ids [M] and the positions
+    the video spans (see module)."""
 
     embeds: torch.Tensor
     positions: torch.Tensor | None = None
+    span: int | None = None
 
 
 @dataclass
@@ -90,7 +93,7 @@ def position_problems(engine: str, accepts_positions: bool, custom_positions: bo
 
 def check_video(video: Video, index: int, hidden: int) -> Video:
     """`video` with tensors, checked: embeds [M >= 1, hidden]; positions, when given, [M] integers >= 0,
-    non-decreasing. Errors name the video `index`."""
+    non-decreasing; span, when given, an integer beyond the last offset. Errors name the video `index`."""
     embeds = torch.as_tensor(video.embeds)
     if embeds.dim() != 2 or embeds.shape[1] != hidden or len(embeds) == 0:
         raise ValueError(f"visual embeddings {index} must be [M >= 1, {hidden}], got {tuple(embeds.shape)}")
@@ -104,7 +107,14 @@ def check_video(video: Video, index: int, hidden: int) -> Video:
         if len(positions) and (positions.min() < 0 or bool((positions.diff() < 0).any())):
             raise ValueError(f"visual positions {index} must be >= 0 and non-decreasing")
         positions = positions.long()
-    return Video(embeds, positions)
+    span = video.span
+    if span is not None:
+        last = int(positions[-1]) if positions is not None else len(embeds) - 1
+        if isinstance(span, bool) or not isinstance(span, int | np.integer) or span <= last:
+            raise ValueError(f"visual span {index} must be an integer > the last visual offset {last}, "
+                             f"got {span!r}")
+        span = int(span)
+    return Video(embeds, positions, span)
 
 
 def expanded_length(prompt: PromptIds, video: Video) -> int:
@@ -117,7 +127,7 @@ def prompt_positions(prompt: PromptIds, video: Video) -> torch.Tensor:
     a, count = prompt.video_at, len(video.embeds)
     offsets = video.positions if video.positions is not None else torch.arange(count)
     after = len(prompt.ids) - a - 1
-    span = int(offsets[-1]) + 1
+    span = video.span if video.span is not None else int(offsets[-1]) + 1
     return torch.cat([torch.arange(a), a + offsets, a + span + torch.arange(after)])
 
 

@@ -29,8 +29,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # the templates are imported where transformers is not (`tasks`, `pipelines.score`)
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 

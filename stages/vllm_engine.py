@@ -34,8 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, PreTrainedTokenizerBase
 
-from pipelines.files import waiting_lock
-from pipelines.fingerprint import DIGESTS_FILE, file_digests
+from stages.digests import DIGESTS_FILE, file_digests
 from stages.engine import (
     Answer,
     Conversation,
@@ -48,6 +47,7 @@ from stages.engine import (
     spliced,
     until_eos,
 )
+from stages.files import waiting_lock
 from stages.model import ModelConfig, checkpoint_tensors, read_model_config, resolve_dtype
 from stages.prompts import PromptBuilder, PromptIds, Templates
 
@@ -109,7 +109,7 @@ def checkpoint_digest(path: str, cache_dir: Path | None = None) -> str:
     """sha256 of a checkpoint's config, tokenizer (a folder's) and language-model weight files: of their
     names and bytes, not of where they lie, so copies of one checkpoint share one export. Each file's
     digest is remembered by (path, size, mtime) in `digests.json` under the cache folder
-    (`pipelines.fingerprint.file_digests`), so a 14 GB checkpoint is read once, not at every engine
+    (`stages.digests.file_digests`), so a 14 GB checkpoint is read once, not at every engine
     start."""
     cache_dir = _cache_dir(cache_dir)
     files = sorted({file for file, _ in checkpoint_tensors(path, "language").values()})
@@ -286,7 +286,7 @@ class VllmEngine:
         hidden = self.embed_tokens.embedding_dim
         checked = {c.video: check_video(videos[c.video], c.video, hidden) for c in conversations}
         for index, video in checked.items():
-            if video.positions is not None:
+            if video.positions is not None or video.span is not None:
                 raise ValueError(f"visual positions {index}: "
                                  + position_problems("vllm", self.accepts_positions, True)[0])
         params = sampling_params(sampling, self.tokenizer.eos_token_id, self.seed)

@@ -12,13 +12,14 @@ completes. The batch job itself knows nothing of this: to it the demo is a manif
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.cli import exit_if_failed, plain_errors
-from pipelines.config import register, to_job_config
+from pipelines.cli import check_command_line, exit_if_failed, plain_errors
+from pipelines.config import JobConfig, register, to_job_config
 from pipelines.files import read_jsonl, write_jsonl
 from pipelines.job import run_job
 from pipelines.score import format_table, read_rows, score_rows
@@ -73,4 +74,5 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    check_command_line("config", JobConfig, sys.argv[1:])  # a config mistake: one line, exit 2
     main()

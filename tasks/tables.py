@@ -31,7 +31,8 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".gif", ".mov")
 
 @dataclass
 class Table:
-    """An annotation file's records, each with where it is (`item 3`, `line 4`, `row 2`)."""
+    """An annotation file's records, each with where it is (`item 3`, `line 4`, `row 2`), numbered from 1
+    as the lines of a manifest are (a CSV's header is its line 1)."""
 
     path: Path
     rows: list[tuple[str, dict]]
@@ -154,7 +155,7 @@ def load_table(path: Path, problems: list[str]) -> Table | None:
             import pyarrow.parquet as pq
 
             table = pq.read_table(path)
-            rows = [(f"row {i}", record) for i, record in enumerate(table.to_pylist())]
+            rows = [(f"row {i}", record) for i, record in enumerate(table.to_pylist(), start=1)]
             return Table(path, rows, frozenset(table.column_names))
         text = path.read_text(encoding="utf-8")
         if suffix == ".csv":
@@ -173,8 +174,8 @@ def load_table(path: Path, problems: list[str]) -> Table | None:
             if not isinstance(document, list):
                 problems.append(f"{path}: a JSON list of records is expected, got {type(document).__name__}")
                 return None
-            rows = [(f"item {i}", r) for i, r in enumerate(document) if isinstance(r, dict)]
-            bad = [(f"item {i}", r) for i, r in enumerate(document) if not isinstance(r, dict)]
+            rows = [(f"item {i}", r) for i, r in enumerate(document, start=1) if isinstance(r, dict)]
+            bad = [(f"item {i}", r) for i, r in enumerate(document, start=1) if not isinstance(r, dict)]
         problems += [f"{path} {where}: a JSON object is expected" for where, _ in bad]
         return Table(path, rows, None)
     except (OSError, ValueError, UnicodeDecodeError) as err:  # pyarrow's ArrowInvalid is a ValueError

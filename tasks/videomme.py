@@ -56,7 +56,7 @@ def read(data: DataConfig) -> list[Question]:
     if table.columns is None and any(isinstance(r.get("questions"), list) for _, r in table.rows):
         # the release's nested JSON: one record per video, its questions in `questions`
         rows = [(f"{where} question {n}", {**{k: v for k, v in video.items() if k != "questions"}, **q})
-                for where, video in table.rows for n, q in enumerate(video.get("questions") or [])]
+                for where, video in table.rows for n, q in enumerate(video.get("questions") or [], start=1)]
         table = Table(path, rows, None)
     columns = table.columns if table.columns is not None else {k for _, r in table.rows for k in r}
     video_field = "videoID" if "videoID" in columns or "video_id" not in columns else "video_id"

@@ -3,12 +3,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from stages.model import load_video_llava
-from stages.testing import build_tiny_video_llava
+# One thread per process for torch's (OpenMP's) CPU kernels, in this process and, through the environment,
+# in every process a test starts (run.py, Ray's workers): the tests' models are tiny, and two threads a
+# process on a machine whose cores are taken (a parallel job, CI neighbours, `make test-loaded`) spin
+# against each other: measured, tests/test_train.py took 39 s with torch's default on a busy 2-core machine,
+# 7 s with one thread. Set before torch is imported; a value already set is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from stages.model import load_video_llava  # noqa: E402
+from stages.testing import build_tiny_video_llava  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -175,10 +175,10 @@ def test_videollava_answers_are_matched_by_id_and_every_mismatch_is_named(tmp_pa
         {"answer": "z", "question_id": 3, "type": 2}, {"answer": "w", "question_id": "4"},
     ])
     message = problems_of(DataConfig("videollava", questions=str(questions), answers=str(answers)))
-    assert f"{questions} item 1: question_id '2' has no answer in {answers}" in message
-    assert f"{answers} item 1: question_id '9' has no question in {questions}" in message
-    assert f"{questions} item 3: duplicate id '3' (first at {questions} item 2)" in message
-    assert f"{questions} item 4: missing question" in message
+    assert f"{questions} item 2: question_id '2' has no answer in {answers}" in message
+    assert f"{answers} item 2: question_id '9' has no question in {questions}" in message
+    assert f"{questions} item 4: duplicate id '3' (first at {questions} item 3)" in message
+    assert f"{questions} item 5: missing question" in message
     assert "has 4 problem(s)" in message
     no_answers = tmp_path / "no.json"
     missing = problems_of(DataConfig("videollava", questions=str(questions), answers=str(no_answers)))
@@ -201,8 +201,13 @@ def test_a_parquet_without_a_column_and_duplicate_ids_are_reported_at_once(tmp_p
     message = problems_of(DataConfig("videomme", annotations=str(path)))
     columns = "answer, question, question_id, task_type, videoID"
     assert f"{path}: no column 'options' (columns: {columns})" in message
-    assert f"{path} row 1: duplicate id '001-1' (first at {path} row 0)" in message
+    assert f"{path} row 2: duplicate id '001-1' (first at {path} row 1)" in message
     assert message.startswith(f"videomme annotations {path} has 2 problem(s)")
+    nested = write_json(tmp_path / "videomme.json", [{"videoID": "v", "questions": [  # the release's JSON
+        {"question_id": "1", "question": "q", "options": ["A. a", "B. b"], "answer": "A"},
+        {"question_id": "2", "options": ["A. a", "B. b"], "answer": "B"}]}])
+    assert f"{nested} item 1 question 2: missing question" in problems_of(
+        DataConfig("videomme", annotations=str(nested)))
 
 
 def test_options_that_do_not_fit_are_reported_with_their_ids(tmp_path):
@@ -213,16 +218,16 @@ def test_options_that_do_not_fit_are_reported_with_their_ids(tmp_path):
         {"videoID": "v", "question_id": "3", "question": "q", "options": options, "answer": "C"},
     ])
     message = problems_of(DataConfig("videomme", annotations=str(mme)))
-    assert f"{mme} row 0 (id '1'): answer 'E' is neither one of the letters A, B, C, D" in message
-    assert f"{mme} row 1 (id '2'): options must be a list of 2 to 10 texts" in message
+    assert f"{mme} row 1 (id '1'): answer 'E' is neither one of the letters A, B, C, D" in message
+    assert f"{mme} row 2 (id '2'): options must be a list of 2 to 10 texts" in message
     assert "has 2 problem(s)" in message
     mvbench = write_json(tmp_path / "json" / "action_count.json", [
         {"video": "a.mp4", "question": "q", "candidates": ["1", "2"], "answer": "3"},
         {"video": "a.mp4", "candidates": ["1", "2"], "answer": "2"},
     ])
     message = problems_of(DataConfig("mvbench", annotations=str(mvbench.parent)))
-    assert f"{mvbench} item 0 (id 'action_count-0'): answer '3' is neither" in message
-    assert f"{mvbench} item 1: missing question" in message
+    assert f"{mvbench} item 1 (id 'action_count-0'): answer '3' is neither" in message
+    assert f"{mvbench} item 2: missing question" in message
     nextqa = tmp_path / "val.csv"
     nextqa.write_text("video,qid,question,answer,type,a0,a1,a2,a3,a4\n"
                       "7,0,why?,7,CW,a,b,c,d,e\n7,1,how?,1,CH,a,b,,d,e\n")

@@ -12,8 +12,10 @@ from huggingface_hub import constants
 
 from pipelines import fingerprint
 from pipelines.config import compose_job
-from pipelines.fingerprint import file_digests, job_fingerprint, model_fingerprint
+from pipelines.fingerprint import job_fingerprint, model_fingerprint
 from pipelines.sink import OutputError, OutputSink, differences
+from stages import digests
+from stages.digests import file_digests
 from stages.model import ModelConfig, read_model_config
 
 
@@ -26,15 +28,15 @@ def cache_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def hashed(monkeypatch) -> list[Path]:
-    """Every file `pipelines.fingerprint` reads to hash, in order."""
+    """Every file `stages.digests` reads to hash, in order."""
     calls: list[Path] = []
-    real = fingerprint._sha256
+    real = digests._sha256
 
     def counting(path: Path) -> str:
         calls.append(path)
         return real(path)
 
-    monkeypatch.setattr(fingerprint, "_sha256", counting)
+    monkeypatch.setattr(digests, "_sha256", counting)
     return calls
 
 
@@ -94,15 +96,15 @@ def test_the_weights_digest_covers_every_weight_file_by_name(tmp_path):
 
 
 def test_an_unchanged_checkpoint_is_hashed_once(checkpoint, hashed, cache_home, caplog, monkeypatch):
-    monkeypatch.setattr(fingerprint, "_ANNOUNCE_BYTES", 1000)  # the tiny model's weights count as large
-    with caplog.at_level(logging.INFO, logger="pipelines.fingerprint"):
+    monkeypatch.setattr(digests, "_ANNOUNCE_BYTES", 1000)  # the tiny model's weights count as large
+    with caplog.at_level(logging.INFO, logger="stages.digests"):
         first = _model(checkpoint)
     assert hashed == [checkpoint / "model.safetensors"]
     announced = [r.getMessage() for r in caplog.records if "weights once" in r.getMessage()]
     assert len(announced) == 1 and str(cache_home / "digests.json") in announced[0]
     cached = json.loads((cache_home / "digests.json").read_text())
     weights = str((checkpoint / "model.safetensors").resolve())
-    assert cached[weights]["sha256"] == fingerprint._sha256(checkpoint / "model.safetensors")
+    assert cached[weights]["sha256"] == digests._sha256(checkpoint / "model.safetensors")
     hashed.clear()
     assert _model(checkpoint) == first and hashed == []  # read from the cache
 
@@ -172,7 +174,7 @@ def test_the_projector_digest_follows_its_file(checkpoint, tmp_path):
     projector.write_bytes(b"tuned projector weights")
     assert _model(checkpoint)["projector"] is None
     first = _model(checkpoint, projector_path=str(projector))
-    assert first["projector"] == fingerprint._sha256(projector)
+    assert first["projector"] == digests._sha256(projector)
     flip_byte(projector)
     second = _model(checkpoint, projector_path=str(projector))
     assert differences(first, second) == ["projector"]

@@ -41,8 +41,8 @@ class JudgeServer:
     (status, reply text, seconds to wait first); every request is counted per question and its body kept.
     `served`: the model name its replies report (default: the one asked for)."""
 
-    def __init__(self, script, delay: float = 0.0, served: str | None = None):
-        self.script, self.delay, self.served = script, delay, served
+    def __init__(self, script, served: str | None = None):
+        self.script, self.served = script, served
         self.seen: Counter[str] = Counter()
         self.bodies: list[dict] = []
         self.lock = threading.Lock()
@@ -58,7 +58,7 @@ class JudgeServer:
                     attempt = server.seen[question]
                     server.bodies.append(body)
                 status, text, wait = server.script(question, attempt)
-                time.sleep(wait + server.delay)
+                time.sleep(wait)
                 payload = {"id": "cmpl-1", "object": "chat.completion", "created": 0,
                            "model": server.served or body["model"],
                            "choices": [{"index": 0, "finish_reason": "stop",
@@ -109,15 +109,20 @@ QUIRKS = {  # question: the judge's reply, in the forms real judges produce
     "q1?": 'Here is my evaluation: {"pred": "NO", "score": "1"} Hope this helps!',
     "q2?": "{'pred': 'Yes', 'score': 5}",  # after one HTTP 500
     "q3?": "I cannot evaluate this answer without the video.",  # unparseable
-    "q4?": "{'pred': 'YES', 'score': '3'}",  # after one reply slower than the timeout
+    "q4?": "{'pred': 'YES', 'score': '3'}",  # after one reply far slower than the timeout
 }
+
+
+# the judge's timeout where one reply must time out: every other reply must come well within it, however
+# busy the machine (a reply that timed out by load would be asked again and counted)
+TIMEOUT = 3.0
 
 
 def quirky(question: str, attempt: int) -> tuple[int, str, float]:
     if question == "q2?" and attempt == 1:
         return 500, "overloaded", 0.0
     if question == "q4?" and attempt == 1:
-        return 200, "{'pred': 'no', 'score': 0}", 2.0
+        return 200, "{'pred': 'no', 'score': 0}", 60.0  # the client gives up first (a daemon thread waits)
     return 200, QUIRKS.get(question, "{'pred': 'no', 'score': 0}"), 0.0
 
 
@@ -154,7 +159,7 @@ def test_judge_quirky_replies_retries_store_and_rerun(tmp_path, monkeypatch):
     output.write_text("".join(json.dumps(r) + "\n" for r in judged_rows()))
     with JudgeServer(quirky) as server:
         judge = JudgeConfig(url=server.url, model="judge-m", key_env="MY_JUDGE_KEY", concurrency=3, retries=2,
-                            timeout=0.5, backoff=0.05, reask=0)  # fmt: skip
+                            timeout=TIMEOUT, backoff=0.05, reask=0)  # fmt: skip
         result = score_file(output, metric="judge", judge=judge)
         # five distinct triples, one 500 and one timeout retried: 7 requests, on both sides
         assert result["requests"] == 7 and sum(server.seen.values()) == 7
@@ -176,13 +181,13 @@ def test_judge_quirky_replies_retries_store_and_rerun(tmp_path, monkeypatch):
             assert db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0] == 5
         # a rerun: every verdict from the store, not one request
         again = main([str(output), "--judge-url", server.url, "--judge-model", "judge-m",
-                      "--judge-timeout", "0.5", "--judge-reask", "0"])  # fmt: skip
+                      "--judge-timeout", str(TIMEOUT), "--judge-reask", "0"])  # fmt: skip
         assert again["requests"] == 0 and sum(server.seen.values()) == 7
         assert {k: v for k, v in again.items() if k not in ("requests", "judge")} == \
             {k: v for k, v in result.items() if k not in ("requests", "judge")}
         # another judge model is another verdict
         other = score_rows(judged_rows(), metric="judge", judge=JudgeConfig(url=server.url, model="judge-2",
-                           timeout=0.5, backoff=0.05, reask=0), store_path=store)  # fmt: skip
+                           timeout=TIMEOUT, backoff=0.05, reask=0), store_path=store)  # fmt: skip
         assert other["requests"] == 5 and sum(server.seen.values()) == 12  # (no 500 or timeout this time)
 
 
@@ -305,7 +310,11 @@ def test_sigkill_while_judging_then_rerun_scores_each_question_once(tmp_path):
              "prediction": f"{i} things", "category": "count" if i % 2 else "color", "error": None}
             for i in range(8)]  # fmt: skip
 
+    in_flight = threading.Event()  # set by the test once the scoring is killed
+
     def verdict(question, attempt):
+        if len(server.bodies) == 4:  # the 4th request waits: the kill comes while it is in flight
+            in_flight.wait(600)  # a hang guard only
         i = int(question[1:-1])
         return 200, f"{{'pred': '{'yes' if i % 3 else 'no'}', 'score': {i % 6}}}", 0.0
 
@@ -314,12 +323,12 @@ def test_sigkill_while_judging_then_rerun_scores_each_question_once(tmp_path):
         output.parent.mkdir()
         output.write_text("".join(json.dumps(r) + "\n" for r in rows))
     store = killed.with_name("predictions.verdicts.sqlite")
-    with JudgeServer(verdict, delay=0.25) as server:
+    with JudgeServer(verdict) as server:
         args = ["--judge-url", server.url, "--judge-model", "m", "--judge-concurrency", "1",
-                "--judge-timeout", "10"]  # fmt: skip
+                "--judge-timeout", "600"]  # fmt: skip
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.score", str(killed), *args], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        stored, deadline = 0, time.monotonic() + 60
+        stored, deadline = 0, time.monotonic() + 600  # a hang guard only
         while stored < 3 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
             if store.exists():
@@ -330,9 +339,10 @@ def test_sigkill_while_judging_then_rerun_scores_each_question_once(tmp_path):
                         pass
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        in_flight.set()
         with closing(sqlite3.connect(store)) as db:
             stored = db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
-        assert proc.returncode == -signal.SIGKILL and 3 <= stored < 8
+        assert proc.returncode == -signal.SIGKILL and stored == 3
         assert not killed.with_name("predictions.scores.json").exists()
         resumed = main([str(killed), *args])
         seen = dict(server.seen)

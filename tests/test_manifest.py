@@ -119,3 +119,10 @@ def test_the_users_own_columns_pass_through(tmp_path):
         {"id": "a", "video": "v.mp4", "question": "q", "source": "shot 3", "difficulty": 2}])
     (q,) = read_manifest(manifest)
     assert q.extra == {"source": "shot 3", "difficulty": 2}
+
+
+def test_an_empty_csv_cell_of_the_users_own_column_passes_through_as_null(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,video,question,source\na,v.mp4,q,shot 3\nb,v.mp4,q,\n")
+    a, b = read_manifest(manifest)
+    assert (a.extra, b.extra) == ({"source": "shot 3"}, {"source": None})

@@ -43,6 +43,16 @@ def data(tmp_path_factory, tiny_dir) -> dict:
     return {"root": root, "model": model, "manifest": manifest, "ids": [r["id"] for r in rows]}
 
 
+@pytest.fixture
+def caller_ray():
+    """A Ray session (2 CPUs) started as a caller would start it, before the job."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 def job_config(data: dict, out: Path, *overrides: str):
     return compose_job(
         f"model.path={data['model']}", "model.dtype=float32", f"data.manifest={data['manifest']}",
@@ -151,14 +161,20 @@ def test_local_runner_writes_one_row_per_question_with_error_rows(data, tmp_path
     assert kept["this_run"]["rows"] == 0
 
 
-def test_ray_runner_gives_the_local_runner_answers(data, tmp_path):
+def test_ray_runner_gives_the_local_runner_answers(data, tmp_path, caplog):
     local = tmp_path / "local.parquet"
     run_job(job_config(data, local, "runner=local", "compression=visionzip_temporal"))
     out = tmp_path / "ray.jsonl"
-    summary = run_job(job_config(
-        data, out, "runner=ray", "compression=visionzip_temporal", "ray.num_cpus=2",
-        "resources.encode.batch_size=1", "resources.answer.batch_size=2",
-    ))  # fmt: skip
+    with caplog.at_level("INFO", logger="pipelines"):
+        summary = run_job(job_config(
+            data, out, "runner=ray", "compression=visionzip_temporal", "ray.num_cpus=2",
+            "resources.encode.batch_size=1", "resources.answer.batch_size=2",
+        ))  # fmt: skip
+    # the console says what the silent parts are: Ray's start, then the actors' (the first clip ends it)
+    said = ["starting Ray (local, usually 10-20 s) ...", "Ray ready in ",
+            "starting the actors (1 encode, 1 answer)", "first clip answered "]
+    at = [[i for i, message in enumerate(caplog.messages) if message.startswith(line)] for line in said]
+    assert all(len(found) == 1 for found in at) and sorted(at) == at, caplog.messages
     import pyarrow.parquet as pq
 
     expected = {r["id"]: r for r in pq.read_table(local).to_pylist()}
@@ -183,37 +199,41 @@ def _run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.Completed
 def test_a_killed_run_resumes_with_every_id_exactly_once(data, tmp_path):
     out = tmp_path / "out.jsonl"
     args = [f"model.path={data['model']}", "model.dtype=float32", f"data.manifest={data['manifest']}",
-            f"output.path={out}", "runner=local", "resources.decode.batch_size=1",
-            f"hydra.run.dir={tmp_path / 'hydra'}", "pipeline.generation.max_new_tokens=4"]
-    proc = subprocess.Popen([PYTHON, str(ROOT / "run.py"), *args], stdout=subprocess.DEVNULL,
+            f"output.path={out}", "resources.decode.batch_size=1", f"hydra.run.dir={tmp_path / 'hydra'}",
+            "pipeline.generation.max_new_tokens=4"]
+    proc = subprocess.Popen([PYTHON, str(ROOT / "run.py"), *args, "runner=local"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # a hang guard only: a busy machine starts the job slowly
     while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
+        assert proc.poll() is None, f"run.py ended (exit {proc.returncode}) before it was killed"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = read_rows(out)
     assert 2 <= len(before) < 7
     answered_before = sum(r["error"] is None for r in before)
-    result = _run_cli(*args)
+    # resumed by the Ray runner (the runner changes speed, not answers), in an embedded Ray of its own
+    result = _run_cli(*args, "runner=ray", "ray.num_cpus=2")
     assert result.returncode == 0, result.stderr[-3000:]
     ids = [r["id"] for r in read_rows(out)]
     assert sorted(ids) == sorted(data["ids"])  # every id exactly once
     summary = json.loads((tmp_path / "out.summary.json").read_text())
     assert summary["this_run"]["rows"] == 7 - answered_before  # error rows written before are retried
-
-
-def test_sweep_runs_each_job_in_its_own_folder_with_its_own_ray_quietly(data, tmp_path):
-    result = _run_cli(
-        "-m", "compression=none,visionzip", f"model.path={data['model']}", "model.dtype=float32",
-        f"data.manifest={data['manifest']}", "ray.num_cpus=2", "pipeline.generation.max_new_tokens=2",
-        f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    # the console shows the jobs, not Ray's internals (its embedded session is quieted)
+    # the console shows the job, not Ray's internals (its embedded session is quieted)
     for noise in ("Token authentication", "core_worker", "Progress bars disabled", "streaming_executor",
                   "Set ray log level"):
         assert noise not in result.stderr, noise
+    assert "7 rows, 5 answered, 2 errors" in result.stdout  # the job's summary, as a short table
+
+
+def test_sweep_runs_each_job_in_its_own_folder(data, tmp_path):
+    # the local runner: a job's own Ray and its quiet console are the resume test's (above)
+    result = _run_cli(
+        "-m", "compression=none,visionzip", f"model.path={data['model']}", "model.dtype=float32",
+        f"data.manifest={data['manifest']}", "runner=local", "pipeline.generation.max_new_tokens=2",
+        f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=${hydra.job.num}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("7 rows, 5 answered, 2 errors") == 2  # each job's summary, as a short table
     kept = {}
     for job in ("0", "1"):
@@ -230,7 +250,8 @@ def test_sweep_runs_each_job_in_its_own_folder_with_its_own_ray_quietly(data, tm
     assert (tmp_path / "scores_table.md").read_text().count("\n") == 4
 
 
-def test_a_dead_worker_is_restarted_and_its_batch_retried(data, tmp_path):
+def test_a_dead_worker_is_restarted_and_its_batch_retried_in_a_callers_ray_left_running(data, tmp_path,
+                                                                                        caller_ray):
     from pipelines.job import ray_session
     from pipelines.manifest import group_by_video, read_manifest
     from pipelines.runner import item_rows, question_rows, run_ray
@@ -249,8 +270,9 @@ def test_a_dead_worker_is_restarted_and_its_batch_retried(data, tmp_path):
                     proc.kill()
                     killed.append(len(done))  # rows out when the worker died
 
-    with ray_session(job):
+    with ray_session(job):  # the caller's session: used, and left running
         run_ray(job, rows, kill_the_encoder_once)
+    assert caller_ray.is_initialized()
     assert len(killed) == 1 and killed[0] < len(data["ids"])  # it died with work still to do
     assert sorted(r["id"] for r in done) == sorted(data["ids"])
     assert sum(r["error"] is None for r in done) == 5

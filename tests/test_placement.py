@@ -3,6 +3,7 @@ in the model's dtype between stages, a timeline; on this CPU machine by declarin
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, LlamaConfig
 
+import pipelines.runner as runner
 import stages.model as model_module
 from pipelines.config import ConfigError, compose_job
 from pipelines.job import run_job
@@ -128,7 +130,8 @@ def test_the_7b_shares_its_gpu_one_tenth_to_nine_tenths(seven_b):
 
 @pytest.mark.parametrize("per_gpu", [1, 2, 7])
 def test_every_answer_actor_fits_beside_the_encoder_rounded_down(tiny_dir, seven_b, per_gpu):
-    job = job_for(tiny_dir, "pipeline.engine=vllm", f"pipeline.vllm.actors_per_gpu={per_gpu}")
+    job = job_for(tiny_dir, "pipeline.engine=vllm", "compression.positions=compact",
+                  f"pipeline.vllm.actors_per_gpu={per_gpu}")
     for gpus in (1, 3):
         placed = placement(job, box(gpus=gpus, cpus=64)).stages
         answer, encode = placed["answer"], placed["encode"]
@@ -196,37 +199,68 @@ def test_bfloat16_embeddings_travel_between_stages_bit_exact(tiny_dir):
     assert to_column(torch.ones(2, dtype=torch.float16))[1] == "float16"
 
 
+CLIPS = 4
+
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("clips")
     rows = []
-    for i in range(12):
+    for i in range(CLIPS):
         write_video(root / f"v{i}.mp4", num_frames=40, width=96, height=64)
         rows.append({"id": f"q{i}", "video": f"v{i}.mp4", "question": "What is it?"})
     (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root / "m.jsonl"
 
 
+def gated_stages(gate: Path) -> tuple[type, type]:
+    """The encode and answer stages of a job whose encoder holds its second clip until the answer stage has
+    answered one (and made the file `gate`): such a job ends only when Ray runs the two pools at once."""
+
+    class HeldEncoder(EncodeStage):
+        calls = 0
+
+        def __call__(self, batch: dict) -> dict:
+            self.calls += 1
+            deadline = time.monotonic() + 600  # a hang guard only
+            while self.calls == 2 and not gate.exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("no answer while the encoder held a clip: the pools never ran at once")
+                time.sleep(0.05)
+            return super().__call__(batch)
+
+    class GateOpener(AnswerStage):
+        def __call__(self, batch: dict) -> dict:
+            out = super().__call__(batch)
+            gate.touch()
+            return out
+
+    return HeldEncoder, GateOpener
+
+
 @pytest.mark.parametrize("gpus, cpus", [(1, 2), (2, 3)])  # two answer actors' 0.5 CPU leave 0.5 of 2
-def test_jobs_finish_on_declared_gpus_and_overlap_on_one(tiny_dir, clips, tmp_path, gpus, cpus):
+def test_jobs_finish_on_declared_gpus_with_encode_and_answer_running_at_once(tiny_dir, clips, tmp_path, gpus,
+                                                                            cpus, monkeypatch):
+    # the job ends only if both pools run at once (the encoder waits for an answer), whichever actor loads
+    # first and however busy the machine
+    encoder, answerer = gated_stages(tmp_path / "answered")
+    monkeypatch.setattr(runner, "EncodeStage", encoder)
+    monkeypatch.setattr(runner, "AnswerStage", answerer)
     job = compose_job(f"model.path={tiny_dir}", "model.dtype=float32", "model.device=cpu",
                       f"data.manifest={clips}", f"output.path={tmp_path / 'out.jsonl'}",
-                      f"ray.num_gpus={gpus}",
-                      f"ray.num_cpus={cpus}", "decode.num_frames=64", "pipeline.generation.max_new_tokens=2",
+                      f"ray.num_gpus={gpus}", f"ray.num_cpus={cpus}", "pipeline.generation.max_new_tokens=2",
                       "resources.decode.batch_size=1", "resources.encode.batch_size=1",
                       "resources.answer.batch_size=1")  # fmt: skip
     summary = run_job(job)
-    assert (summary["ok"], summary["error"]) == (12, 0)
+    assert (summary["ok"], summary["error"]) == (CLIPS, 0)
     timeline = summary["timeline"]
-    assert [timeline[s]["batches"] for s in ("decode", "encode", "answer")] == [12, 12, 12]
-    if gpus == 1:  # encode and answer share the GPU: answering starts while encoding goes on (64 frames a
-        # video keep the encoder busy long enough to see it, whichever actor finishes loading first)
-        assert timeline["answer"]["first_end"] < timeline["encode"]["last_start"], timeline
+    assert [timeline[s]["batches"] for s in ("decode", "encode", "answer")] == [CLIPS] * 3
     assert (tmp_path / "out.timeline.txt").read_text().count("#") >= 3
 
 
 def test_vllm_answer_actors_split_the_answer_share(tiny_dir):
-    job = job_for(tiny_dir, "pipeline.engine=vllm", "pipeline.vllm.actors_per_gpu=2")
+    job = job_for(tiny_dir, "pipeline.engine=vllm", "compression.positions=compact",
+                  "pipeline.vllm.actors_per_gpu=2")
     shares = gpu_shares(job.model)
     placed = placement(job, box(gpus=2, cpus=8)).stages
     assert placed["answer"].pool_size == 4 and placed["answer"].num_gpus == shares["answer"] / 2

@@ -102,6 +102,22 @@ def test_ci95_resamples_videos_deterministically():
     assert result["by_category"]["count"]["ci95"] == [0.0, 0.0]
 
 
+def test_a_metric_that_does_not_fit_the_rows_is_refused_and_writes_nothing(tmp_path, capsys):
+    output = tmp_path / "out.jsonl"
+    output.write_text("".join(json.dumps(r) + "\n" for r in ROWS))  # open questions: no options
+    scores = tmp_path / "out.scores.json"
+    scores.write_text('{"metric": "exact"}\n')  # an earlier scoring's file
+    with pytest.raises(SystemExit) as refused:
+        main([str(output), "--metric", "choice"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == (f"error: {output}: metric choice needs multiple-choice rows, and none "
+                                       "of the 5 rows with an answer has options: score them with exact or "
+                                       "judge\n")
+    assert scores.read_text() == '{"metric": "exact"}\n'
+    mixed = [*ROWS, {**ROWS[0], "id": "mc", "options": ["red", "blue"], "answer": "A"}]  # one has options
+    assert score_rows(mixed, metric="choice")["overall"]["n"] == 6
+
+
 def test_cli_on_jsonl_and_parquet(tmp_path, capsys):
     jsonl = tmp_path / "out.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -122,7 +138,7 @@ def test_cli_on_jsonl_and_parquet(tmp_path, capsys):
     assert header == "| category | n | correct | wrong | errors | accuracy | ci95 | unparseable |"
 
 
-def test_bad_inputs_are_named(tmp_path):
+def test_bad_inputs_are_named(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_rows(tmp_path / "nope.jsonl")
     bad = tmp_path / "bad.jsonl"
@@ -131,9 +147,15 @@ def test_bad_inputs_are_named(tmp_path):
         read_rows(bad)
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"id": "1", "prediction": "a"}) + "\n")
-    with pytest.raises(SystemExit, match="no row has an answer"):
+    with pytest.raises(SystemExit) as refused:
         main([str(empty)])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == f"error: {empty}: no row has an answer to score\n"
     assert not (tmp_path / "empty.scores.json").exists()
+    with pytest.raises(SystemExit) as refused:
+        main([str(tmp_path / "nope.jsonl")])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == f"error: output file {tmp_path / 'nope.jsonl'}: no such file\n"
     with pytest.raises(ValueError, match="metric must be one of"):
         score_rows(ROWS, metric="bleu")
     with pytest.raises(ValueError, match="needs a judge"):

@@ -15,7 +15,7 @@ import pytest
 from pipelines import score
 from pipelines.files import InUseError
 from pipelines.sink import OUTPUT_COLUMNS, OutputError, OutputSink, unique_rows
-from pipelines.summary import summarize
+from pipelines.summary import format_summary, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,6 +133,21 @@ def test_summary_counts_the_output_and_times_this_run():
                              "stage_seconds": {"decode": 0.5, "encode": 0.25, "answer": 1.0}}
     idle = summarize(rows, [], {}, wall_seconds=0.1)  # a resumed run with nothing left to do
     assert idle["this_run"]["rows_per_second"] is None and idle["this_run"]["stage_seconds"]["answer"] == 0
+
+
+def test_the_summary_says_why_this_run_wrote_fewer_rows_than_the_file_has():
+    def this_run_line(rows: list[dict], this_run: list[dict]) -> str:
+        summary = {**summarize(rows, this_run, {}, wall_seconds=2.0), "output": "out.jsonl"}
+        return next(line for line in format_summary(summary).splitlines() if "this run" in line).strip()
+
+    five = [row(i) for i in "abcde"]
+    assert this_run_line(five, five[1:]) == (
+        "this run  4 rows (1 already in the file from an earlier run) in 2.0 s (2.00 rows/s); decode 0.0 s, "
+        "encode 0.0 s, answer 0.0 s")
+    retried = [row("a", error="boom"), row("b"), row("c"), row("a")]  # a's error row retried this run
+    assert this_run_line(retried, retried[3:]).startswith("this run  1 rows (2 already in the file from "
+                                                          "earlier runs) in 2.0 s")
+    assert this_run_line(five, five).startswith("this run  5 rows in 2.0 s")
 
 
 def test_a_corrupt_line_before_the_last_stops_the_job_and_keeps_the_file(tmp_path):

@@ -126,11 +126,11 @@ def job_for(data_format: str, *overrides: str):
 def test_each_set_is_asked_and_scored_its_own_way_unless_overridden(data_format):
     task = TASKS[data_format]
     job = job_for(data_format)
-    assert (job.pipeline.prompt, job.pipeline.choice_prompt, job.score.rule) == (
+    assert (job.pipeline.prompt, job.pipeline.choice_prompt, job.score.rule_for(data_format)) == (
         task.prompt, task.choice_prompt, task.rule)
     mine = job_for(data_format, "score.rule=lmms_eval_nextqa", "pipeline.prompt='USER: <video> {question}'",
                    "pipeline.choice_prompt='{question} {options}'")
-    assert (mine.pipeline.prompt, mine.pipeline.choice_prompt, mine.score.rule) == (
+    assert (mine.pipeline.prompt, mine.pipeline.choice_prompt, mine.score.rule_for(data_format)) == (
         "USER: <video> {question}", "{question} {options}", "lmms_eval_nextqa")
 
 

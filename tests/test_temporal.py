@@ -400,7 +400,7 @@ def test_encode_stage_positions_of_each_method(tiny, method):
     stage = EncodeStage(model, compression=temporal_config(method, 4, 1, match=match))
     pixels = stage.preprocess(video(), model.device, model.dtype)
     seeds = [11, 12, 13]
-    tokens, positions = stage._frame_tokens(pixels, seeds)
+    tokens, positions, _ = stage._frame_tokens(pixels, seeds)
     plain = EncodeStage(model, compression=CompressionConfig(method, 4, 1))._frame_tokens(pixels, seeds)
     assert plain[1] is None and torch.equal(tokens, plain[0])  # positions change nothing about the tokens
     if method == "pool":

@@ -14,7 +14,7 @@ import pipelines.tune as tune
 from pipelines.config import ConfigError, TuneConfig, compose_tune
 from pipelines.manifest import ManifestError
 from pipelines.tune import run_tune
-from stages.encode import CompressionConfig, EncodeStage
+from stages.encode import CompressedVideo, CompressionConfig, EncodeStage
 from stages.model import ModelConfig, load_projector, load_video_llava
 from synthqa.dataset import write_dataset
 from synthqa.model import new_model, save_checkpoint
@@ -76,10 +76,11 @@ def tune_directly(data: dict, out: Path, dtype: str) -> tuple[torch.nn.Module, d
     `out`: (the tuned model, its weights before, the step losses)."""
     model, tokenizer = load_video_llava(data["model"], dtype=dtype, device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    tokens = [torch.randn(8 * 5, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    videos = [CompressedVideo(torch.randn(8 * 5, 32, generator=torch.Generator().manual_seed(i)))
+              for i in range(2)]
     examples = [(0, "What color is the circle?", "red"), (1, "How many objects are there?", "two")]
     cfg = TuneConfig(out=str(out), steps=3, batch_size=2, lr=1e-2, warmup_steps=0)
-    return model, before, tune.tune_projector(model, tokenizer, tokens, examples, cfg)
+    return model, before, tune.tune_projector(model, tokenizer, videos, examples, cfg)
 
 
 def test_only_the_projector_changes_and_a_qa_job_loads_it(data, tmp_path):
