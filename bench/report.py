@@ -27,12 +27,19 @@ def _cell(value: object) -> str:
     return "" if value is None else str(value)
 
 
+def _goal(name: str, g: dict) -> str:
+    value = f"{g['value']:.3g}" if g["value"] is not None else f"not measured ({g.get('note', 'no value')})"
+    at = f" at `{g['setting']}`" if "setting" in g else ""
+    return f"`{name}` = {value}{at} (goal {g['op']} {g['target']}: **{'met' if g['met'] else 'not met'}**)"
+
+
 def markdown(result: dict) -> str:
-    lines = [markdown_table(result["rows"], cell=_cell)]
-    goals = [
-        f"`{name}` = {g['value']:.3g} (goal {g['op']} {g['target']}: **{'met' if g['met'] else 'not met'}**)"
-        for name, g in result["goals"].items()
-    ]
+    """A result's table (nested values, e.g. a placement or an actor list, stay in the JSON), its machine and
+    its goals."""
+    rows = [{key: value for key, value in row.items() if not isinstance(value, dict | list)}
+            for row in result["rows"]]
+    lines = [markdown_table(rows, cell=_cell)]
+    goals = [_goal(name, g) for name, g in result["goals"].items()]
     machine = result["machine"]
     lines += ["", f"Run {result['when']} on {machine['cores']} cores of {machine['cpu']}, "
               f"GPU {machine['gpu'] or 'none'}, torch {machine['torch']}."]

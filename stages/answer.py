@@ -169,9 +169,13 @@ class AnswerStage:
 
     # ------------------------------------------------------------ direct use
 
-    def answer(self, embeds: Sequence[torch.Tensor | np.ndarray], questions: Sequence[str]) -> list[Answer]:
+    def answer(self, embeds: Sequence[torch.Tensor | np.ndarray | Video], questions: Sequence[str]
+               ) -> list[Answer]:
         """Answer questions[i] about the video with embeddings embeds[i]; answers come back in input order.
-        Questions given the same embeddings object are one video's: its prefix is read once for all."""
+        Questions given the same embeddings object are one video's: its prefix is read once for all.
+        embeds[i] is a tensor (read at consecutive positions), or anything with `embeds`, `positions` and
+        `span` (an `EncodedVideo` of `EncodeStage.encode`, a `Video`): with `compression.positions=original`
+        its tokens then stand where the encode stage placed them."""
         if len(embeds) != len(questions):
             raise ValueError(f"got {len(embeds)} visual embeddings for {len(questions)} questions")
         videos: list[Video] = []
@@ -179,7 +183,8 @@ class AnswerStage:
         for visual in embeds:
             if id(visual) not in index:
                 index[id(visual)] = len(videos)
-                videos.append(Video(torch.as_tensor(visual)))
+                videos.append(Video(torch.as_tensor(visual.embeds), visual.positions, visual.span)
+                              if hasattr(visual, "embeds") else Video(torch.as_tensor(visual)))
         for i, question in enumerate(questions):
             if not isinstance(question, str):
                 raise ValueError(f"question {i} must be a string, got {type(question).__name__}")

@@ -174,6 +174,26 @@ def test_answers_with_reuse_equal_answers_without_and_the_text_follows_the_full_
     assert not torch.allclose(direct, compact, atol=1e-3)  # the positions matter
 
 
+def test_answer_in_process_takes_an_encoded_videos_positions(tiny):
+    # `AnswerStage.answer` on `EncodeStage.encode`'s videos answers as the batch path does with the
+    # positions columns: a tensor alone is read at consecutive positions
+    model, tokenizer = tiny
+    frames = video(3, seed=1)
+    encoded = EncodeStage(model, compression=original()).encode([frames])[0]
+    stage = AnswerStage(model, tokenizer, config=AnswerConfig(generation=GenerateConfig(max_new_tokens=4)),
+                        custom_positions=True)
+    stage.engine.record_logits = True
+    in_process = stage.answer([encoded], [QUESTION])[0]
+    columns = EncodeStage(model, compression=original())({"frames": [frames]})
+    batch = stage({**columns, "questions": [[QUESTION]]})
+    assert in_process.text == batch["predictions"][0][0]
+    direct = stage.engine.generate([Video(encoded.embeds, encoded.positions, encoded.span)],
+                                   [Conversation(0, [QUESTION])], stage.sampling)[0][0]
+    compact = stage.answer([encoded.embeds], [QUESTION])[0]
+    torch.testing.assert_close(in_process.logits, direct.logits, atol=0, rtol=0)
+    assert not torch.allclose(in_process.logits[0], compact.logits[0], atol=1e-3)
+
+
 def test_tuning_reads_the_tokens_at_the_answer_engines_position_ids(tiny):
     model, tokenizer = tiny
     kept = EncodeStage(model, compression=original()).compressed_videos([video(3, seed=5)])[0]
