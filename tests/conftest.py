@@ -3,20 +3,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+import torch
 
-# One thread per process for torch's (OpenMP's) CPU kernels, in this process and, through the environment,
-# in every process a test starts (run.py, Ray's workers): the tests' models are tiny, and two threads a
-# process on a machine whose cores are taken (a parallel job, CI neighbours, `make test-loaded`) spin
-# against each other: measured, tests/test_train.py took 39 s with torch's default on a busy 2-core machine,
-# 7 s with one thread. Set before torch is imported; a value already set is kept.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from stages.model import load_video_llava
+from stages.testing import build_tiny_video_llava
 
-from stages.model import load_video_llava  # noqa: E402
-from stages.testing import build_tiny_video_llava  # noqa: E402
+# One thread for torch's CPU kernels in the test process: the tests' models are tiny, and two threads on a
+# machine whose cores are taken (CI neighbours, `make test-loaded`) spin against each other (measured on a
+# busy 2-core machine: tests/test_train.py 39 s with torch's default, 7 s with one thread). Not through
+# OMP_NUM_THREADS, which would also change what decord's reader does in the background (test_decode.py).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

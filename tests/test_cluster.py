@@ -13,7 +13,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,29 +128,46 @@ def job_log(folder: Path) -> str:
     return "".join(p.read_text() for p in (folder / "hydra").glob("*.log"))
 
 
-@contextmanager
-def connected(cluster: Cluster, monkeypatch) -> Iterator[None]:
-    """This process connected to the cluster as a driver of its own (to read its tables)."""
+def stage_actor_nodes(cluster: Cluster, monkeypatch) -> tuple[set[str], dict[str, set[str]]]:
+    """The cluster's node ids, and per stage the nodes its actors ran on (from the GCS's actor table,
+    which keeps dead actors)."""
     import ray
+    from ray._private.state import actors
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        yield
+        nodes = {node["NodeID"] for node in ray.nodes()}
+        placed: dict[str, set[str]] = {}
+        for actor in actors().values():
+            for stage in ("decode", "encode", "answer"):
+                if f"({stage.capitalize()}Stage)" in actor["ActorClassName"]:
+                    placed.setdefault(stage, set()).add(actor["Address"]["NodeID"])
+        return nodes, placed
     finally:
         ray.shutdown()
 
 
-def alive_stage_actors() -> dict[str, set[str]]:
-    """Per stage, the nodes its alive actors run on (from the GCS's actor table)."""
-    from ray._private.state import actors
-
-    placed: dict[str, set[str]] = {}
-    for actor in actors().values():
-        for stage in ("decode", "encode", "answer"):
-            if f"({stage.capitalize()}Stage)" in actor["ActorClassName"] and actor["State"] == "ALIVE":
-                placed.setdefault(stage, set()).add(actor["Address"]["NodeID"])
-    return placed
+def test_both_nodes_decode_encode_and_answer_by_a_plan_per_node(cluster, tiny_dir, clips, tmp_path,
+                                                                 monkeypatch):
+    result = subprocess.run([PYTHON, *job_args(cluster, tiny_dir, clips, tmp_path)], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env=cluster.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(tmp_path / "out.jsonl")
+    assert sorted(r["id"] for r in rows) == sorted(f"q{i}{q}" for i in range(CLIPS) for q in "ab")
+    assert all(r["error"] is None for r in rows)
+    nodes, placed = stage_actor_nodes(cluster, monkeypatch)
+    assert len(nodes) == 2 and placed == {"decode": nodes, "encode": nodes, "answer": nodes}
+    for stage in ("decode", "encode", "answer"):  # each row names the nodes that ran its stages
+        assert {r[f"{stage}_node"] for r in rows} <= nodes
+    # the plan, logged: each node's own pools (2 CPUs each: one decoder beside an encoder and an answerer)
+    log = job_log(tmp_path)
+    assert ("placement: decode 2 x (cpu 1, gpu 0), encode 2 x (cpu 0.5, gpu 0), "
+            "answer 2 x (cpu 0.5, gpu 0)") in log
+    assert log.count("(2 CPUs, 0 GPUs): decode 1, encode 1, answer 1") == 2
+    status = subprocess.run([RAY, "status", f"--address={cluster.address}"], capture_output=True, text=True,
+                            env=cluster.env, timeout=60)
+    assert "4.0 CPU" in status.stdout  # both nodes still up: the job started and stopped nothing
 
 
 def test_an_embedded_job_beside_a_running_cluster_starts_its_own_ray(cluster, tiny_dir, monkeypatch):
@@ -167,48 +183,23 @@ def test_an_embedded_job_beside_a_running_cluster_starts_its_own_ray(cluster, ti
     assert not ray.is_initialized()
 
 
-def test_both_nodes_run_every_stage_and_a_node_lost_mid_job_leaves_every_id_answered_once(
-        cluster, tiny_dir, clips, tmp_path, monkeypatch):
-    """One job (a job on the cluster is the suite's dearest run): planned node by node, both nodes run
-    every stage; the worker node, killed mid-job, is logged, and the head answers what was left."""
+def test_a_node_lost_mid_job_leaves_every_id_answered_once(cluster, tiny_dir, clips, tmp_path):
     out = tmp_path / "out.jsonl"
-    with connected(cluster, monkeypatch):
-        import ray
-
-        nodes = {node["NodeID"] for node in ray.nodes()}
-        job = subprocess.Popen([PYTHON, *job_args(cluster, tiny_dir, clips, tmp_path)], cwd=ROOT,
-                               env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            # the worker is killed once both nodes run every stage and 4 rows are out (a loaded machine starts
-            # the pools slowly: the deadline is a hang guard only)
-            deadline, placed = time.monotonic() + 600, {}
-            while placed != dict.fromkeys(("decode", "encode", "answer"), nodes) or (
-                    not out.exists() or len(out.read_text().splitlines()) < 4):
-                assert job.poll() is None, f"ended before the kill ({placed}): {job.stderr.read()[-3000:]}"
-                assert time.monotonic() < deadline, f"no plan per node running after 600 s: {placed}"
-                time.sleep(0.1)
-                placed = alive_stage_actors()
-            answered_before = len(out.read_text().splitlines())
-            kill_worker_node(cluster)
-            _, stderr = job.communicate(timeout=600)
-        finally:
-            job.kill()
-    assert len(nodes) == 2 and job.returncode == 0, stderr[-3000:]
-    rows = read_rows(out)
-    ids = [r["id"] for r in rows]
+    job = subprocess.Popen([PYTHON, *job_args(cluster, tiny_dir, clips, tmp_path)], cwd=ROOT, env=cluster.env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600  # a hang guard only: a loaded machine starts the pools slowly
+        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 4):
+            assert job.poll() is None, job.stderr.read()[-3000:]
+            time.sleep(0.05)
+        answered_before = len(out.read_text().splitlines())
+        kill_worker_node(cluster)
+        _, stderr = job.communicate(timeout=600)
+    finally:
+        job.kill()
+    assert job.returncode == 0, stderr[-3000:]
+    ids = [r["id"] for r in read_rows(out)]
     assert answered_before < len(ids)
     assert sorted(ids) == sorted(f"q{i}{q}" for i in range(CLIPS) for q in "ab")  # each once
-    assert all(r["error"] is None for r in rows)
-    for stage in ("decode", "encode", "answer"):  # each row names the nodes that ran its stages
-        assert {r[f"{stage}_node"] for r in rows} <= nodes
-    # the plan, logged first: each node's own pools (2 CPUs each: one decoder beside an encoder and an
-    # answerer); then the loss
-    log = job_log(tmp_path).splitlines()
-    plan = next(i for i, line in enumerate(log) if line.endswith(
-        "placement: decode 2 x (cpu 1, gpu 0), encode 2 x (cpu 0.5, gpu 0), answer 2 x (cpu 0.5, gpu 0)"))
-    each_node = "(2 CPUs, 0 GPUs): decode 1, encode 1, answer 1"
-    assert [line.endswith(each_node) for line in log[plan + 1:plan + 3]] == [True, True]
-    assert any("(2 CPUs, 0 GPUs) left the cluster" in line for line in log[plan + 3:])
-    status = subprocess.run([RAY, "status", f"--address={cluster.address}"], capture_output=True, text=True,
-                            env=cluster.env, timeout=60)
-    assert "2.0 CPU" in status.stdout  # the head still up: the job stopped nothing of the cluster
+    assert all(r["error"] is None for r in read_rows(out))
+    assert "(2 CPUs, 0 GPUs) left the cluster" in job_log(tmp_path)

@@ -87,7 +87,8 @@ def test_config_defaults_groups_and_overrides():
     # each stage gets its own typed section, as composed: nothing renamed on the way
     assert decode.kwargs == {"config": job.decode} and job.decode.size is None
     assert encode.kwargs == {"model": job.model, "compression": job.compression, "frame_batch_size": 64}
-    assert answer.kwargs == {"model": job.model, "config": job.pipeline}
+    # the visual tokens' own positions (compression.positions=original, the default) are asked of the engine
+    assert answer.kwargs == {"model": job.model, "config": job.pipeline, "custom_positions": True}
     assert job.model.projector_path == "p.safetensors"
 
 

@@ -85,7 +85,8 @@ def test_checkpoint_is_fp16_and_answers_through_the_stages(tmp_path):
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     loaded, tok = load_video_llava(folder, dtype="float32", device="cpu")
-    encoder = EncodeStage(loaded, compression=CompressionConfig("visionzip", dominant=4, contextual=1))
+    encoder = EncodeStage(loaded, compression=CompressionConfig("visionzip", dominant=4, contextual=1,
+                                                                positions="compact"))  # in zip order
     assert (encoder.preprocess.shortest_edge, encoder.full_per_frame) == (112, 65)
     sample = synth_sample(0, 0)
     encoded = encoder.encode([sample.clip.frames])[0]
