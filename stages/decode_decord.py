@@ -8,6 +8,10 @@ than mixing up frames. decord cannot tell a packet that is no picture (a phantom
 so wanted frames in the last GOP, where such packets mostly are, are first decoded by PyAV (one GOP
 more per read); a phantom found there rebuilds the table and makes the counts differ, an error that
 names pyav. A phantom earlier in a long file shifts decord's indices after it by one, unnoticed.
+The same PyAV pictures check decord's: near the end of a file with delayed output (B-frames whose pts
+do not follow the pictures' order), decord can return the previous wanted picture again - with one
+thread nearly always, with its own threads now and then - and a picture that is not the one PyAV
+decoded (`_misread`) is refused, naming pyav.
 
 A file decord cannot read is an error that says why and whether `decode.backend=pyav` reads it: the
 PyAV reader tries the same frames, and the message names it only when it succeeds. There is no silent
@@ -81,7 +85,7 @@ class DecordReader:
             raise self._refusal("decord 0.6 cannot read GIF files", indices)
         if meta.rotation and not any(c in containers for c in _ROTATING_CONTAINERS):
             raise self._refusal(f"decord ignores rotation in {meta.container} files", indices)
-        self._check_last_gop(indices)
+        tail = self._last_gop_pictures(indices)
         width, height = resized_shape(meta.width, meta.height, self.size) if self.size else (-1, -1)
         todo = [int(i) for i in indices]
         try:
@@ -93,6 +97,9 @@ class DecordReader:
         want = (meta.height, meta.width) if self.size is None else (height, width)
         if batch.shape[1:3] != want:
             raise DecodeError(self.path, f"decord returned {batch.shape[1:3]} frames, expected {want}")
+        wrong = _misread(todo, batch, tail)
+        if wrong:
+            raise self._refusal(f"decord returned another picture than frame {wrong[0]}", indices)
         return batch, np.ones(len(todo), dtype=bool)
 
     def _get_batch(self, todo: list[int], width: int, height: int, num_frames: int) -> np.ndarray:
@@ -114,20 +121,23 @@ class DecordReader:
                 pass  # a reader whose worker already failed has nothing left running
             del reader
 
-    def _check_last_gop(self, indices: np.ndarray) -> None:
-        """decord counts packets, and for a packet that is no picture it returns some other picture. Such
-        packets mostly trail the file, so wanted frames from the last keyframe on are first decoded by
-        the PyAV reader, whose FrameTableChanged (they are not there as listed) propagates. Damage is
-        left for decord to report."""
+    def _last_gop_pictures(self, indices: np.ndarray) -> dict[int, np.ndarray]:
+        """The wanted frames from the last keyframe on, decoded by the PyAV reader: decord counts packets,
+        and for a packet that is no picture it returns some other picture. Such packets mostly trail the
+        file, where decord can also repeat a picture (module docstring). The reader's FrameTableChanged
+        (the frames are not there as listed) propagates; damage is left for decord to report (no
+        pictures to check against)."""
         table = self._index.table
-        if table.source == "decoded" or len(table.key_pts) == 0:
-            return
+        if len(table.key_pts) == 0:
+            return {}
         tail = indices[indices >= np.searchsorted(table.pts, table.key_pts[-1])]
-        if len(tail):
-            try:
-                self._index.read(tail)
-            except DecodeError:
-                pass
+        if not len(tail):
+            return {}
+        try:
+            pictures, decoded = self._index.read(tail)
+        except DecodeError:
+            return {}
+        return {int(i): picture for i, picture, ok in zip(tail, pictures, decoded, strict=True) if ok}
 
     def _refusal(self, why: str, indices: np.ndarray) -> DecodeError:
         """decord cannot read this file: the error says why, and whether the PyAV backend reads the same
@@ -152,6 +162,23 @@ class DecordReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _misread(todo: list[int], batch: np.ndarray, pyav: dict[int, np.ndarray]) -> list[int]:
+    """The wanted frames whose decord picture is not PyAV's: further from it than the two convert
+    differently (10-bit and unscaled odd sizes, stages/decode.py: mean difference under 2), or the
+    previous wanted picture repeated where PyAV's two differ (a near-static video's stale picture)."""
+    wrong = []
+    for k, index in enumerate(todo):
+        if index not in pyav:
+            continue
+        difference = np.abs(batch[k].astype(np.int16) - pyav[index]).mean()
+        before = todo[k - 1] if k else None
+        repeated = (before in pyav and np.array_equal(batch[k], batch[k - 1])
+                    and not np.array_equal(pyav[index], pyav[before]))
+        if difference >= 2.0 or repeated:
+            wrong.append(index)
+    return wrong
 
 
 def _first_line(error: Exception) -> str:
