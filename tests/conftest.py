@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from pipelines.job import WORKER_NICENESS
 from stages.model import load_video_llava
 from stages.testing import build_tiny_video_llava
 
@@ -16,6 +18,11 @@ from stages.testing import build_tiny_video_llava
 # busy 2-core machine: tests/test_train.py 39 s with torch's default, 7 s with one thread). Not through
 # OMP_NUM_THREADS, which would also change what decord's reader does in the background (test_decode.py).
 torch.set_num_threads(1)
+
+# Ray's workers at normal priority in the Rays the tests start themselves (the job's embedded Ray does
+# this itself: pipelines.job.ray_session). At Ray's default niceness of 15, a busy neighbour took nearly
+# all their CPU: one Ray job test went from 29 s to 228 s beside two busy loops.
+os.environ.setdefault(WORKER_NICENESS, "0")
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,14 @@ joined fails in seconds with one line saying what to check."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
 import pytest
 
 from pipelines.config import compose_job
-from pipelines.job import ray_session
+from pipelines.job import WORKER_NICENESS, ray_session
 
 
 def job_with(*overrides: str):
@@ -22,13 +23,16 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # free again once closed: nothing listens there
 
 
-def test_the_embedded_ray_ignores_a_dead_clusters_address(monkeypatch):
+def test_the_embedded_ray_ignores_a_dead_clusters_address_and_runs_its_workers_unniced(monkeypatch):
     # what a killed cluster leaves behind (RAY_ADDRESS here; its address file works the same way)
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
+    monkeypatch.delenv(WORKER_NICENESS)  # set by conftest for the Rays tests start themselves
     import ray
 
     with ray_session(job_with("ray.num_cpus=1")):
         assert ray.cluster_resources()["CPU"] == 1.0
+        niceness = ray.remote(num_cpus=1)(lambda: os.nice(0))  # by value: workers cannot import tests/
+        assert ray.get(niceness.remote()) == 0  # Ray's default would give 15
     assert not ray.is_initialized()
 
 
