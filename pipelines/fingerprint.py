@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from pipelines.datasets import DataConfig
     from stages.model import ModelConfig
 
+# how caption rows are named: by their clip (`pipelines.job.clip_ids`); an output whose rows were named
+# otherwise (by a question's id, before) is not resumed under the new names
+CAPTION_IDS = "clip"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
 
 
@@ -41,6 +44,8 @@ def job_fingerprint(job: JobConfig, model_config: PretrainedConfig) -> dict:
     generation = {k: v for k, v in asdict(job.pipeline.generation).items()
                   if k not in ("batch_size", "reuse_prefix")}
     answering = {k: v for k, v in asdict(job.pipeline).items() if k != "vllm"}
+    if job.pipeline.task == "caption":
+        answering["caption_ids"] = CAPTION_IDS
     return {
         "model": model_fingerprint(job.model, model_config),
         "compression": asdict(job.compression),

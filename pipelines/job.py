@@ -129,7 +129,7 @@ def answer_into(sink: OutputSink, job: JobConfig, questions: list[Question]) -> 
     job_start = time.time()
     start = time.perf_counter()
     with ray_session(job) if rows and job.runner == "ray" else nullcontext(), \
-            _Progress(len(askable)) as progress:
+            _Progress(len(askable), "clips" if job.pipeline.task == "caption" else "questions") as progress:
 
         def on_video(video_row: dict) -> None:
             new = list(question_rows(video_row, askable))
@@ -260,18 +260,18 @@ def prepare_model(model: ModelConfig) -> PretrainedConfig:
 
 
 class _Progress:
-    """The job's one progress bar over questions; it appears with the first answers, so its clock and
-    rate count the work, not Ray's and the models' start."""
+    """The job's one progress bar over its rows (questions, or clips to caption); it appears with the
+    first answers, so its clock and rate count the work, not Ray's and the models' start."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.bar = total, None
+    def __init__(self, total: int, what: str) -> None:
+        self.total, self.what, self.bar = total, what, None
 
     def __enter__(self) -> _Progress:
         return self
 
     def update(self, n: int) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=self.total, desc="questions", unit="row", file=sys.stderr)
+            self.bar = tqdm(total=self.total, desc=self.what, unit="row", file=sys.stderr)
         self.bar.update(n)
 
     def __exit__(self, *exc: object) -> None:

@@ -162,7 +162,7 @@ def test_a_retried_conversation_is_asked_again_from_its_first_error_turn(tiny_di
     assert [(r["id"], r["error"]) for r in read(out)] == [("t1", None), ("t2", None)]
 
 
-def test_captions_are_one_row_per_clip_with_the_prompt_asked(tiny_dir, clips, tmp_path):
+def test_captions_are_one_row_per_clip_with_the_prompt_asked(tiny_dir, clips, tmp_path, capsys):
     data = manifest(tmp_path, [
         {"id": "a1", "video": str(clips / "a.mp4")}, {"id": "a2", "video": str(clips / "a.mp4")},
         {"id": "b1", "video": str(clips / "b.mp4"), "question": "never asked"},
@@ -173,6 +173,15 @@ def test_captions_are_one_row_per_clip_with_the_prompt_asked(tiny_dir, clips, tm
     # one row per clip: the clip's id (its video's name), not its first question's
     assert [(r["id"], r["question"]) for r in rows] == [("a", "Describe it."), ("b", "Describe it.")]
     assert all(isinstance(r["prediction"], str) for r in rows)
+    assert "clips: 100%" in capsys.readouterr().err  # the progress bar counts clips, not questions
+    # an output whose caption rows were named otherwise (by a question's id, before) is not resumed
+    fingerprint = out.with_name("captions.fingerprint.json")
+    recorded = json.loads(fingerprint.read_text())
+    assert recorded["pipeline"]["caption_ids"] == "clip"
+    del recorded["pipeline"]["caption_ids"]
+    fingerprint.write_text(json.dumps(recorded))
+    with pytest.raises(OutputError, match="pipeline.caption_ids differ"):
+        run_job(job(tiny_dir, data, out, "pipeline=caption", "pipeline.caption_prompt=Describe it."))
 
 
 def test_every_numeric_knob_is_range_checked_before_work():
