@@ -191,7 +191,16 @@ def test_the_resume_hint_names_the_output_when_the_command_does_not():
     assert resume_hint(named, Path("out/preds.jsonl")) == "rerun the same command to resume"
 
 
-def test_ctrl_c_during_a_rows_write_waits_for_it(tmp_path):
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler (KeyboardInterrupt), whatever this process inherited: a shell starts a
+    background job with SIGINT ignored, and Python then installs no handler."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_during_a_rows_write_waits_for_it(tmp_path, python_ctrl_c):
     with OutputSink(tmp_path / "out.parquet") as sink:
         with pytest.raises(KeyboardInterrupt), interrupts_held():
             signal.raise_signal(signal.SIGINT)  # Ctrl-C as the row is being written ...
