@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from held_url import HeldUrl
 from omegaconf import OmegaConf
 
 from pipelines.cli import (
@@ -135,32 +136,33 @@ def windows(tmp_path_factory) -> Path:
 
 
 def test_ctrl_c_stops_the_job_with_one_line_and_a_rerun_resumes(windows, tmp_path):
-    out = tmp_path / "out.jsonl"
-    overrides = ["model=synth", f"data.manifest={windows}", f"output.path={out}", "runner=local",
-                 "decode.size=null", "decode.num_frames=4", "pipeline.generation.max_new_tokens=2",
-                 "resources.decode.batch_size=1"]
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    job = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={tmp_path}"],
-                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)  # its own process group, as a terminal's Ctrl-C reaches
-    deadline = time.monotonic() + 120
-    while not (out.exists() and out.read_text().count("\n") >= 1) and job.poll() is None:
-        assert time.monotonic() < deadline, "no row after 120 s"
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGINT)
-    stdout, stderr = job.communicate(timeout=60)
+    out, manifest = tmp_path / "out.jsonl", tmp_path / "q.jsonl"
+    with HeldUrl() as held:  # the last clip: the job waits there, every window's row written
+        manifest.write_text(windows.read_text() + json.dumps({"id": "held", "video": held.url,
+                                                                "question": "What?"}) + "\n")
+        overrides = ["model=synth", f"data.manifest={manifest}", f"data.video_root={windows.parent}",
+                     f"output.path={out}", "runner=local", "decode.size=null", "decode.num_frames=4",
+                     "pipeline.generation.max_new_tokens=2", "resources.decode.batch_size=1",
+                     "decode.remote.tries=1", "decode.remote.timeout=600"]
+        env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+        command = [sys.executable, str(ROOT / "run.py"), *overrides, f"hydra.run.dir={tmp_path}"]
+        job = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # its own group, as a terminal's Ctrl-C
+        held.wait_for_reader(lambda: job.poll() is None)
+        os.killpg(job.pid, signal.SIGINT)
+        stdout, stderr = job.communicate(timeout=120)
     assert job.returncode == EXIT_INTERRUPTED, stderr[-3000:]
-    saved = out.read_text().count("\n")
-    assert 1 <= saved < 16
+    assert out.read_text().count("\n") == 16  # every window's row, none for the clip it stopped in
     last = stderr.strip().splitlines()[-1]
-    assert last == f"interrupted: {saved} rows saved in {out}; rerun the same command to resume"
+    assert last == f"interrupted: 16 rows saved in {out}; rerun the same command to resume"
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert not (tmp_path / "out.summary.json").exists()  # stopped: no summary claims a finished job
-    # the lock is free and the same settings resume: the rows saved are not asked again
+    # the lock is free and the same settings resume: the rows saved are not asked again (the held URL is
+    # closed now: its clip is an error row)
     summary = run_job(compose_job(*overrides))
-    assert summary["this_run"]["rows"] == 16 - saved and summary["rows"] == 16 and summary["ok"] == 16
+    assert (summary["this_run"]["rows"], summary["rows"], summary["ok"]) == (1, 17, 16)
     assert sorted(json.loads(line)["id"] for line in out.read_text().splitlines()) == sorted(
-        f"w{i}" for i in range(16))
+        [f"w{i}" for i in range(16)] + ["held"])
 
 
 def test_a_second_ctrl_c_while_the_job_stops_exits_at_once(monkeypatch, capfd):
