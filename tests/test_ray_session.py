@@ -42,7 +42,7 @@ def test_no_head_at_the_address_is_one_line_in_seconds():
     with pytest.raises(ConnectionError) as refused:
         with ray_session(job_with("ray=cluster", f"ray.address=127.0.0.1:{port}")):
             pass
-    assert time.monotonic() - start < 10  # Ray's own retries take minutes
+    assert time.monotonic() - start < 60  # Ray's own retries take minutes; a busy machine imports Ray slowly
     message = str(refused.value)
     assert message.startswith(f"ray.address=127.0.0.1:{port}: no Ray head answers at ")
     assert message.endswith(f"check the address and that the head is running: ray status --address "

@@ -267,7 +267,7 @@ def test_a_server_that_does_not_answer_times_out_after_the_tries(http_server):
     t0 = time.perf_counter()
     with pytest.raises(DecodeError, match=re.escape(http_server.url("long")) + ": timed out after 2 tries$"):
         read_frames(http_server.url("long"), remote=config)
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 20  # 2 x 0.3 s; the server would hold each reply 30 s
 
 
 def test_missing_denied_and_unranged_objects_are_named_and_not_retried(http_server, s3):
