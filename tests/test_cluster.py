@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from held_url import HeldUrl
 
 from pipelines.config import compose_job
 from pipelines.job import ray_session
@@ -184,22 +185,29 @@ def test_an_embedded_job_beside_a_running_cluster_starts_its_own_ray(cluster, ti
 
 
 def test_a_node_lost_mid_job_leaves_every_id_answered_once(cluster, tiny_dir, clips, tmp_path):
-    out = tmp_path / "out.jsonl"
-    job = subprocess.Popen([PYTHON, *job_args(cluster, tiny_dir, clips, tmp_path)], cwd=ROOT, env=cluster.env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 600  # a hang guard only: a loaded machine starts the pools slowly
-        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 4):
-            assert job.poll() is None, job.stderr.read()[-3000:]
-            time.sleep(0.05)
-        answered_before = len(out.read_text().splitlines())
-        kill_worker_node(cluster)
-        _, stderr = job.communicate(timeout=600)
-    finally:
-        job.kill()
+    out, manifest = tmp_path / "out.jsonl", tmp_path / "m.jsonl"
+    with HeldUrl() as held:  # a clip the job cannot finish while it is held: the node is lost mid-job
+        manifest.write_text(clips.read_text() + json.dumps({"id": "held", "video": held.url,
+                                                              "question": "What is it?"}) + "\n")
+        args = [*job_args(cluster, tiny_dir, manifest, tmp_path), f"data.video_root={clips.parent}",
+                "decode.remote.tries=1", "decode.remote.timeout=600"]
+        job = subprocess.Popen([PYTHON, *args], cwd=ROOT, env=cluster.env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 600  # a hang guard only: a loaded machine starts the pools slowly
+            while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 4):
+                assert job.poll() is None, job.stderr.read()[-3000:]
+                time.sleep(0.05)
+            answered_before = len(out.read_text().splitlines())
+            kill_worker_node(cluster)
+            held.close()  # from now on a read of the held clip fails at once: an error row
+            _, stderr = job.communicate(timeout=600)
+        finally:
+            job.kill()
     assert job.returncode == 0, stderr[-3000:]
-    ids = [r["id"] for r in read_rows(out)]
-    assert answered_before < len(ids)
-    assert sorted(ids) == sorted(f"q{i}{q}" for i in range(CLIPS) for q in "ab")  # each once
-    assert all(r["error"] is None for r in read_rows(out))
+    rows = read_rows(out)
+    assert answered_before < len(rows)
+    assert sorted(r["id"] for r in rows) == sorted(  # each once
+        [f"q{i}{q}" for i in range(CLIPS) for q in "ab"] + ["held"])
+    assert [r["id"] for r in rows if r["error"] is not None] == ["held"]
     assert "(2 CPUs, 0 GPUs) left the cluster" in job_log(tmp_path)
