@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 
 
 class HeldUrl:
@@ -19,7 +20,7 @@ class HeldUrl:
         self._readers: list[socket.socket] = []
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/held.mp4"
 
-    def wait_for_reader(self, alive, guard_s: float = 600) -> None:
+    def wait_for_reader(self, alive: Callable[[], bool], guard_s: float = 600) -> None:
         """Block until a reader connects; `alive()` false (the job ended) or the hang guard fails."""
         self._listener.settimeout(0.1)
         deadline = time.monotonic() + guard_s
