@@ -165,9 +165,10 @@ class DecordReader:
 
 
 def _misread(todo: list[int], batch: np.ndarray, pyav: dict[int, np.ndarray]) -> list[int]:
-    """The wanted frames whose decord picture is not PyAV's: further from it than the two convert
-    differently (10-bit and unscaled odd sizes, stages/decode.py: mean difference under 2), or the
-    previous wanted picture repeated where PyAV's two differ (a near-static video's stale picture)."""
+    """The wanted frames whose decord picture is not PyAV's: a mean difference of 2 levels or more
+    (where the two convert differently, at native size, they differ by about 1 level for 10-bit sources
+    and 0.3 for odd sizes: stages/decode.py), or the previous wanted picture repeated where PyAV's two
+    differ (a near-static video's stale picture)."""
     wrong = []
     for k, index in enumerate(todo):
         if index not in pyav:
