@@ -1,4 +1,4 @@
-"""The batch job: `python run.py data.manifest=q.jsonl [overrides]` (conf/config.yaml; see the README).
+"""The batch job: `python run.py data.manifest=q.jsonl [overrides]` (conf/config.yaml; see docs/running.md).
 
 Exit status (`pipelines.cli`): 0 done; 1 the job ran but failed (more error rows than `max_error_fraction`,
 or all of them); 2 nothing ran (a config mistake, or a data, model, output or Ray problem, printed as one

@@ -1,4 +1,4 @@
-"""Projector tuning: `python tune.py data.manifest=train.jsonl [overrides]` (conf/tune.yaml; see the README).
+"""Projector tuning: `python tune.py data.manifest=train.jsonl [overrides]` (conf/tune.yaml; docs/quality.md).
 
 Writes OUT/projector.safetensors, which a batch job loads with `model.projector_path`.
 """

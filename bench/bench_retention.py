@@ -16,7 +16,7 @@ threshold T, and/or `--sweep-at M@T ...`): rows `visionzip+M@T-5` (method `tempo
 (any, same, radius, prune), `+ctx` for `compression.temporal.fold_contextual=true` (full tokens have no
 contextual tokens). `same` and `prune` make the same folding decisions, so at one threshold they keep
 exactly as many tokens: prune (vLLM's static-patch pruning) is position-aware merging's control at equal
-counts. Each sweep row at the paper's budget says whether it passes the README's rule (`passes_rule`: it
+counts. Each sweep row at the paper's budget says whether it passes the choosing rule (`passes_rule`: it
 costs VisionZip alone at that budget under 1 point overall and at most 3 points on any type); the rule
 picks the row that passes in every result file given with the fewest tokens (the shipped models share
 their tower, so a setting keeps the same tokens on both):
@@ -73,7 +73,7 @@ METHODS = ("visionzip", "visionzip+temporal", "dominant_only", "random", "pool")
 # Temporal-merging rules: compression.temporal.match, "+ctx" = also compression.temporal.fold_contextual=true
 # (VisionZip's contextual tokens fold into their own slot of the previous frame; else they never fold).
 MATCHES = ("any", "same", "radius", "prune", "same+ctx", "radius+ctx", "prune+ctx")
-# The table's temporal rows: the rule and threshold picked on val500 (see the README), the defaults of
+# The table's temporal rows: the rule and threshold picked on val500 (see docs/quality.md), the defaults of
 # conf/compression/visionzip_temporal.yaml. The `radius` rules use a radius of 1 patch.
 TEMPORAL_MATCH, TEMPORAL_THRESHOLD = "same+ctx", 0.7
 # `--frames16`: 16 frames at (dominant, contextual) per frame, the nearest to PAPER_BUDGET's total at 8 frames
@@ -162,10 +162,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="run only these settings (names, or shell patterns: 'visionzip+*@*')")
     parser.add_argument("--temporal-threshold", type=float, default=TEMPORAL_THRESHOLD,
                         help="cosine threshold of temporal merging in the table's temporal rows (default: "
-                             "picked on val500, see the README)")
+                             "picked on val500, see docs/quality.md)")
     parser.add_argument("--temporal-match", choices=MATCHES, default=TEMPORAL_MATCH,
                         help="compression.temporal.match of the table's temporal rows (default: picked on "
-                             "val500, see the README)")
+                             "val500, see docs/quality.md)")
     parser.add_argument("--temporal-sweep", type=float, nargs="*", default=[],
                         help="also VisionZip + temporal merging at the paper's budget at each of these")
     parser.add_argument("--sweep-match", choices=MATCHES, nargs="*", default=None,
@@ -286,7 +286,7 @@ def objects_kept(model_path: str, seed: int, clips: int, chunk: int = 8) -> dict
 
 
 def passes_rule(row: dict, paper: dict) -> bool:
-    """The README's rule for temporal merging: against VisionZip alone at the same budget (`paper`) it
+    """The choosing rule for temporal merging: against VisionZip alone at the same budget (`paper`) it
     costs under 1 point overall and at most 3 points on any type."""
 
     def cost(key: str) -> float:

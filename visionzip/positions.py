@@ -7,7 +7,7 @@ the offset it would have if every token of every frame were present: token t of 
 tokens_per_frame (the clip's full span). Tokens that stand for several:
 - VisionZip's contextual token: at the rounded mean (half up) of the offsets of the tokens merged into it
   (its cluster's centre: where its content comes from; its frame's last patch scored the same on val500,
-  see the README);
+  see docs/quality.md);
 - a pooled cell (`pool` control): at the rounded mean offset of the patches it averages;
 - a group of temporal merging: at its first member's place, the token that stays (the earliest; the
   tokens folded into it are gone from the sequence).
